@@ -1,0 +1,233 @@
+"""Typed configuration sections.
+
+Every section is a pydantic dataclass: fields are typed, range-checked on construction and documented by the
+docstring under each field (that text is what `docs/configuration.md` shows; a test keeps the two in sync).
+Checks that involve several fields live in `bigmodel.config.validate`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+SECTION_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+Fusion = Literal["none", "merged", "cross"]
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+Precision = Literal["fp32", "bf16"]
+Engine = Literal["native", "deepspeed"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+@dataclass(config=SECTION_CONFIG)
+class ModelConfig:
+    """The multimodal encoder: image tower (ViT), text tower, fusion stack and heads."""
+
+    image_size: int = Field(32, ge=8)
+    """Input image side in pixels (images are square)."""
+    patch_size: int = Field(8, ge=1)
+    """ViT patch side in pixels; must divide image_size."""
+    channels: int = Field(3, ge=1)
+    """Image channels."""
+    vision_width: int = Field(64, ge=8)
+    """Hidden size of the image tower."""
+    vision_layers: int = Field(2, ge=1)
+    """Number of Transformer blocks in the image tower."""
+    vision_heads: int = Field(4, ge=1)
+    """Attention heads in the image tower; must divide vision_width."""
+    vision_mlp_dim: int = Field(256, ge=1)
+    """Inner size of the image tower's MLP."""
+    vocab_size: int = Field(128, ge=8)
+    """Token vocabulary size; must be at least the tokenizer's vocabulary size."""
+    context_length: int = Field(32, ge=4)
+    """Maximum caption length in tokens, special tokens included."""
+    text_width: int = Field(64, ge=8)
+    """Hidden size of the text tower (and of the fusion stack)."""
+    text_layers: int = Field(2, ge=1)
+    """Number of Transformer blocks in the text tower."""
+    text_heads: int = Field(4, ge=1)
+    """Attention heads in the text tower and the fusion stack; must divide text_width."""
+    text_mlp_dim: int = Field(256, ge=1)
+    """Inner size of the text tower's (and fusion stack's) MLP."""
+    text_causal: bool = False
+    """Causal self-attention in the text tower (CLIP's text encoder). Masked LM needs it off."""
+    embed_dim: int = Field(64, ge=1)
+    """Size of the shared image-text embedding space of the contrastive head."""
+    fusion: Fusion = "cross"
+    """How the modalities meet: none (dual encoder, contrastive only), merged (image and text tokens
+    concatenated through shared blocks), cross (text blocks cross-attend to image tokens)."""
+    fusion_layers: int = Field(2, ge=0)
+    """Number of fusion blocks; must be 0 when fusion is none and at least 1 otherwise."""
+    activation: Activation = "gelu"
+    """MLP activation; quick_gelu matches OpenAI CLIP checkpoints."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability on attention outputs and MLP outputs."""
+    norm_eps: float = Field(1e-5, gt=0.0)
+    """LayerNorm epsilon."""
+    init_std: float = Field(0.02, gt=0.0)
+    """Standard deviation of the normal initialisation of weight matrices and embeddings."""
+    logit_scale_init: float = 2.6592
+    """Initial log of the contrastive logit scale (ln(1/0.07), CLIP's value)."""
+    logit_scale_max: float = Field(4.6052, gt=0.0)
+    """The logit scale is clamped to exp(logit_scale_max) (100, CLIP's value)."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class DataConfig:
+    """Where samples come from and how they are turned into tensors."""
+
+    source: Literal["shapes", "shards"] = "shapes"
+    """shapes: the embedded procedurally generated dataset (no files needed); shards: WebDataset tar shards."""
+    train_shards: str = ""
+    """With source shards: the training shards, a brace pattern such as data/train-{000000..000009}.tar."""
+    eval_shards: str = ""
+    """With source shards: the held-out shards (same pattern syntax); empty means no evaluation."""
+    tokenizer: str = "builtin"
+    """builtin: the tokenizer shipped for the embedded dataset; otherwise a path to a tokenizers tokenizer.json."""
+    train_size: int = Field(100_000, ge=1)
+    """With source shapes: number of distinct training samples (an epoch)."""
+    eval_size: int = Field(512, ge=1)
+    """With source shapes: number of held-out samples (drawn from a separate, fixed stream)."""
+    max_shapes: int = Field(2, ge=1, le=4)
+    """With source shapes: at most this many shapes per image."""
+    mlm_probability: float = Field(0.15, ge=0.0, le=1.0)
+    """Fraction of caption tokens selected for masked language modelling (80% mask, 10% random, 10% kept)."""
+    augment: bool = True
+    """Caption-preserving image augmentation (brightness/contrast jitter and pixel noise); never flips or crops,
+    since captions name positions."""
+    num_workers: int = Field(0, ge=0)
+    """Background processes that prepare batches (0: in the training process)."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class ParallelConfig:
+    """The parallel layout. dp_replicate * dp_shard * tp * pp must equal the number of processes."""
+
+    dp_replicate: int = Field(1, ge=1)
+    """Data-parallel replicas (the replicated axis of HSDP)."""
+    dp_shard: int = Field(1, ge=1)
+    """Data-parallel ranks over which ZeRO shards state (the sharded axis of HSDP)."""
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree (heads, MLP width and vocabulary split across ranks)."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel stages."""
+    sp: bool = False
+    """Sequence parallelism on the norm and dropout regions (needs tp > 1)."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """0: replicated; 1: optimizer state sharded; 2: + gradients; 3: + parameters (FSDP)."""
+    pp_schedule: PipelineSchedule = "1f1b"
+    """Pipeline schedule (with pp > 1)."""
+    microbatches: int = Field(1, ge=1)
+    """Pipeline microbatches per step (with pp > 1)."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class LossWeights:
+    """Weights of the pretraining objectives in the total loss. A weight of 0 skips that head entirely."""
+
+    contrastive: float = Field(1.0, ge=0.0)
+    """Image-text contrastive loss (InfoNCE, symmetric, learnable temperature)."""
+    itm: float = Field(1.0, ge=0.0)
+    """Image-text matching loss (binary; each image also paired with another caption of its batch)."""
+    mlm: float = Field(1.0, ge=0.0)
+    """Masked language modelling loss on the fused text."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = Field(100, ge=1)
+    """Optimizer steps to run."""
+    seed: int = Field(0, ge=0)
+    """Seed of weights, data order, augmentation and masking. Same seed, same run, in any layout."""
+    global_batch_size: int = Field(32, ge=1)
+    """Samples per optimizer step, over all data-parallel ranks and accumulation steps."""
+    grad_accum: int = Field(1, ge=1)
+    """Microbatches accumulated per optimizer step; must divide global_batch_size."""
+    precision: Precision = "fp32"
+    """fp32, or bf16 autocast (fp32 master weights, reductions and optimizer state)."""
+    out_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, eval.jsonl and checkpoints/ go here."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup steps (from 0 to lr); must be below steps."""
+    weight_decay: float = Field(0.05, ge=0.0)
+    """AdamW weight decay, applied to weight matrices only (not to norms, biases, embeddings' positions,
+    class token or logit scale)."""
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    beta2: float = Field(0.98, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+    eps: float = Field(1e-6, gt=0.0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    """Weights of the objectives."""
+    activation_checkpointing: bool = False
+    """Recompute each Transformer block's activations in backward (less memory, about a third more compute)."""
+    deterministic: bool = False
+    """Deterministic algorithms only (bit-identical reruns; may be slower)."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out split every this many steps (0: only before and after training)."""
+    eval_batch_size: int = Field(128, ge=1)
+    """Batch size for evaluation."""
+    threads: int = Field(0, ge=0)
+    """torch intra-op threads per process (0: the CPU cores available to this process divided by the
+    processes on this node)."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class CheckpointConfig:
+    """When and where checkpoints are written."""
+
+    every: int = Field(0, ge=0)
+    """Save every this many steps (0: only at the end)."""
+    keep: int = Field(2, ge=1)
+    """Keep the newest this many checkpoints."""
+    save_final: bool = True
+    """Save a checkpoint when training ends."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class LogConfig:
+    """What is reported, where and how often."""
+
+    every: int = Field(10, ge=1)
+    """Log metrics every this many steps (and at the last step)."""
+    wandb: WandbMode = "offline"
+    """Weights & Biases mode: offline (files under out_dir/wandb, no network), online (needs WANDB_API_KEY;
+    falls back to offline without one) or disabled."""
+    wandb_project: str = "bigmodel"
+    """Weights & Biases project name."""
+    run_name: str = ""
+    """Run name for logs (empty: the basename of train.out_dir)."""
+    progress: bool = True
+    """Show a progress bar with ETA on rank 0."""
+
+
+@dataclass(config=SECTION_CONFIG)
+class Config:
+    """A whole run."""
+
+    engine: Engine = "native"
+    """Training engine: native (torch.distributed) or deepspeed."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """The data."""
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """The parallel layout."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = Field(default_factory=LogConfig)
+    """Logging."""

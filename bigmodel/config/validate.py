@@ -1,0 +1,129 @@
+"""Checks that involve more than one field. Single-field types and ranges are checked by the schema itself."""
+
+from __future__ import annotations
+
+from bigmodel.config.errors import ConfigError
+from bigmodel.config.schema import Config
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise ConfigError (one line: the field and the fix) for the first inconsistency in `cfg`."""
+    check_model(cfg)
+    check_objectives(cfg)
+    check_batch(cfg)
+    check_schedule(cfg)
+    check_data(cfg)
+    refuse_unavailable(cfg)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_model(cfg: Config) -> None:
+    m = cfg.model
+    if m.image_size % m.patch_size:
+        raise ConfigError(
+            f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}; "
+            f"use a patch size among {_divisors(m.image_size)}"
+        )
+    for tower in ("vision", "text"):
+        width, heads = getattr(m, f"{tower}_width"), getattr(m, f"{tower}_heads")
+        if width % heads:
+            raise ConfigError(
+                f"model.{tower}_width={width} is not divisible by model.{tower}_heads={heads}; "
+                f"use a head count among {_divisors(width)}"
+            )
+    if m.fusion == "none" and m.fusion_layers != 0:
+        raise ConfigError(
+            f"model.fusion_layers={m.fusion_layers} but model.fusion=none has no fusion blocks; "
+            "set model.fusion_layers=0 or choose model.fusion=merged|cross"
+        )
+    if m.fusion != "none" and m.fusion_layers == 0:
+        raise ConfigError(f"model.fusion={m.fusion} needs model.fusion_layers >= 1; set it, or use model.fusion=none")
+
+
+def check_objectives(cfg: Config) -> None:
+    w, m = cfg.train.loss_weights, cfg.model
+    if w.contrastive == 0 and w.itm == 0 and w.mlm == 0:
+        raise ConfigError("train.loss_weights are all 0, so nothing is trained; give at least one a positive weight")
+    for name in ("itm", "mlm"):
+        if getattr(w, name) > 0 and m.fusion == "none":
+            raise ConfigError(
+                f"train.loss_weights.{name}={getattr(w, name)} needs fused text, but model.fusion=none; "
+                f"set train.loss_weights.{name}=0 or model.fusion=merged|cross"
+            )
+    if w.mlm > 0 and m.text_causal:
+        raise ConfigError(
+            "train.loss_weights.mlm > 0 needs bidirectional text attention, but model.text_causal=true; "
+            "set model.text_causal=false or train.loss_weights.mlm=0"
+        )
+    if w.mlm > 0 and cfg.data.mlm_probability == 0:
+        raise ConfigError("train.loss_weights.mlm > 0 but data.mlm_probability=0 masks nothing; set it to e.g. 0.15")
+
+
+def check_batch(cfg: Config) -> None:
+    t, p = cfg.train, cfg.parallel
+    if t.global_batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} does not divide train.global_batch_size={t.global_batch_size}; "
+            f"use one of {_divisors(t.global_batch_size)}"
+        )
+    dp = p.dp_replicate * p.dp_shard
+    micro = t.global_batch_size // t.grad_accum
+    if micro % dp:
+        raise ConfigError(
+            f"a microbatch of {micro} samples (train.global_batch_size / train.grad_accum) cannot be split over "
+            f"{dp} data-parallel ranks; make train.global_batch_size a multiple of {dp * t.grad_accum}"
+        )
+    if t.loss_weights.contrastive > 0 and micro < 2:
+        raise ConfigError(
+            "the contrastive loss needs at least 2 samples per microbatch; "
+            "raise train.global_batch_size or lower train.grad_accum"
+        )
+    # Image-text matching pairs sample i with sample i^1 of the same microbatch as its negative, which keeps the
+    # pairs identical in every data-parallel layout as long as each rank's microbatch is even.
+    if t.loss_weights.itm > 0 and (micro // dp) % 2:
+        raise ConfigError(
+            f"image-text matching needs an even microbatch per data-parallel rank, got {micro // dp}; "
+            f"make train.global_batch_size a multiple of {2 * dp * t.grad_accum}"
+        )
+
+
+def check_schedule(cfg: Config) -> None:
+    t = cfg.train
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(
+            f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}; lower it (e.g. to "
+            f"{max(0, t.steps // 10)})"
+        )
+
+
+def check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.source == "shards" and not d.train_shards:
+        raise ConfigError(
+            "data.source=shards needs data.train_shards, e.g. data/shapes/train-{000000..000009}.tar "
+            "(bigmodel data make-shapes writes such shards)"
+        )
+
+
+def refuse_unavailable(cfg: Config) -> None:
+    """Refuse values whose implementation has not landed yet, rather than silently ignoring them."""
+    p = cfg.parallel
+    later = "is not available yet (it comes with the native parallel engine); "
+    for name in ("dp_replicate", "dp_shard", "tp", "pp"):
+        value = getattr(p, name)
+        if value != 1:
+            raise ConfigError(f"parallel.{name}={value} {later}set parallel.{name}=1")
+    if p.sp:
+        raise ConfigError(f"parallel.sp=true {later}set parallel.sp=false")
+    if p.zero_stage != 0:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} {later}set parallel.zero_stage=0")
+    if p.microbatches != 1:
+        raise ConfigError(
+            f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1), which are not available "
+            "yet; use train.grad_accum to split a step into microbatches"
+        )
+    if cfg.engine != "native":
+        raise ConfigError(f"engine={cfg.engine} is not available yet; set engine=native")

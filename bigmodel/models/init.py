@@ -1,0 +1,69 @@
+"""Building the model on the meta device and initialising it from a seed.
+
+Each parameter is drawn from its own generator, seeded by (seed, parameter name). A parameter's initial value
+therefore depends only on the seed and its name: not on the order modules are visited, not on which other
+parameters exist, and not on how a later parallel layout splits the model. Every layout starts from the same
+weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Collection
+
+import torch
+from torch import nn
+
+from bigmodel.config.schema import ModelConfig
+from bigmodel.models.encoder import OBJECTIVES, MultimodalEncoder
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by the run seed and a stable hash of the parameter's qualified name."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def initial_value(module: nn.Module, param_name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Generator):
+    """The fp32 initial value of `module.<param_name>` (a direct parameter of `module`)."""
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape) if param_name == "weight" else torch.zeros(shape)
+    if param_name == "bias":
+        return torch.zeros(shape)
+    if param_name == "logit_scale":
+        return torch.full(shape, cfg.logit_scale_init)
+    std = cfg.init_std
+    if isinstance(module, nn.Linear | nn.Conv2d) and param_name == "weight":
+        # Residual output projections are scaled down with depth (GPT-2) so the residual stream's variance does not
+        # grow with the number of blocks.
+        depth = max(cfg.vision_layers, cfg.text_layers + cfg.fusion_layers)
+        if getattr(module, "_is_residual_output", False):
+            std = std / math.sqrt(2 * depth)
+    return torch.randn(shape, generator=gen) * std
+
+
+def mark_residual_outputs(model: nn.Module) -> None:
+    """Tag the linear layers that write into the residual stream (attention out_proj, MLP fc2)."""
+    for name, module in model.named_modules():
+        if name.endswith(("out_proj", "mlp.fc2")):
+            module._is_residual_output = True
+
+
+@torch.no_grad()
+def init_weights(model: MultimodalEncoder, seed: int, device: torch.device | str = "cpu") -> MultimodalEncoder:
+    """Materialise `model` (possibly on the meta device) on `device` and fill every parameter from (seed, name)."""
+    model.to_empty(device=device)
+    mark_residual_outputs(model)
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            value = initial_value(module, param_name, param.shape, model.cfg, param_generator(seed, full_name))
+            param.copy_(value.to(param.dtype))
+    return model
+
+
+def build_model(cfg: ModelConfig, objectives: Collection[str] = OBJECTIVES, seed: int = 0, device="cpu"):
+    """A MultimodalEncoder built on the meta device, then materialised on `device` and initialised from `seed`."""
+    with torch.device("meta"):
+        model = MultimodalEncoder(cfg, objectives)
+    return init_weights(model, seed, device)
