@@ -1,0 +1,50 @@
+"""The `bigmodel` command: one entry point with a subcommand per task."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bigmodel.cli import data, eval, info, train
+from bigmodel.cli.common import split_overrides
+from bigmodel.config import ConfigError
+
+COMMANDS = (train, eval, data, info)
+
+# Errors caused by what the user gave us (config, paths, data): reported as one line, not a traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigmodel",
+        description="Pretrain multimodal (image + text) encoders, from one CPU to many GPU nodes.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the chosen command and return its exit code (2 for bad input)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if extra and not getattr(args, "takes_overrides", False):
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        args.overrides = split_overrides(extra)
+        return args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("BIGMODEL_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The interface between the training loop and an engine (native torch.distributed, or DeepSpeed).
+
+The loop only feeds microbatches and reads back numbers; how the model is split, how gradients are reduced and
+how the optimizer is sharded is the engine's business.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports. Losses are means over the step's microbatches."""
+
+    loss: float
+    parts: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    logit_scale: float | None = None
+
+
+class Engine(ABC):
+    """Owns the model, optimizer and schedule; runs forward, backward and the optimizer step."""
+
+    model: nn.Module
+    device: torch.device
+
+    @abstractmethod
+    def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]]) -> StepStats:
+        """Forward and backward every microbatch, accumulate, clip, step the optimizer and the schedule."""
+
+    @abstractmethod
+    def forward_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model outputs for `batch` without gradients (eval mode)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training: model, optimizer and schedule state."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned."""

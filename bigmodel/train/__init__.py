@@ -1,0 +1,1 @@
+"""The training loop, optimizer, schedule, evaluation and metrics. Start a run with `python -m bigmodel.train`."""

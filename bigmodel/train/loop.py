@@ -1,0 +1,177 @@
+"""The training loop: data in, engine steps, metrics, evaluation and checkpoints out.
+
+One process for now; the loop talks to an Engine and a data loader that already know their data-parallel rank,
+so the parallel engines plug in without changing it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bigmodel.checkpoint.simple import save_checkpoint
+from bigmodel.config import Config, config_to_dict, save_config
+from bigmodel.data import build_eval_loader, build_train_loader
+from bigmodel.engines import Engine, build_engine
+from bigmodel.losses import active_objectives
+from bigmodel.models.flops import flops_per_sample
+from bigmodel.train.evaluate import evaluate
+from bigmodel.train.metrics import MetricsLogger, measure_matmul_peak
+from bigmodel.train.runtime import configure_threads, default_device, seed_everything, set_deterministic
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports: its directory, final training loss and held-out metrics before and after."""
+
+    run_dir: Path
+    final_loss: float
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def split_microbatches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """Split a batch into `count` contiguous microbatches along dimension 0."""
+    pieces = {name: value.tensor_split(count) for name, value in batch.items()}
+    return [{name: parts[i] for name, parts in pieces.items()} for i in range(count)]
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory and write the resolved config into it."""
+    run_dir = Path(cfg.train.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def training_flops_per_sample(cfg: Config) -> float:
+    """Model FLOPs of forward + backward for one sample (the numerator of MFU)."""
+    counts = flops_per_sample(
+        cfg.model, active_objectives(cfg.train.loss_weights), mlm_probability=cfg.data.mlm_probability
+    )
+    return float(counts["train_total"])
+
+
+class Trainer:
+    """Runs `cfg.train.steps` optimizer steps of `engine` on `loader`, logging, evaluating and checkpointing."""
+
+    def __init__(self, cfg: Config, run_dir: Path, engine: Engine, loader, eval_loader, logger: MetricsLogger):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.engine = engine
+        self.loader = loader
+        self.eval_loader = eval_loader
+        self.logger = logger
+        self.samples_seen = 0
+        self.flops_per_sample = training_flops_per_sample(cfg)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.peak_flops = measure_matmul_peak(dtype, engine.device)
+
+    def run_eval(self, step: int) -> dict[str, float]:
+        if self.eval_loader is None:
+            return {}
+        metrics = evaluate(self.engine, self.eval_loader)
+        self.logger.log_eval({"step": step, **metrics})
+        return metrics
+
+    def save(self, step: int) -> Path:
+        manifest = {"samples_seen": self.samples_seen, "config": config_to_dict(self.cfg)}
+        extra = {"loader": self.loader.state_dict(), "samples_seen": self.samples_seen}
+        ckpt_root = self.run_dir / "checkpoints"
+        return save_checkpoint(ckpt_root, step, self.engine.state_dict(), extra, manifest, self.cfg.checkpoint.keep)
+
+    def metrics_record(self, step: int, stats, samples: int, seconds: float) -> dict[str, Any]:
+        throughput = samples / seconds if seconds > 0 else 0.0
+        record = {"step": step, "loss": stats.loss}
+        record.update({f"loss_{name}": value for name, value in stats.parts.items()})
+        record.update(
+            lr=stats.lr,
+            grad_norm=stats.grad_norm,
+            samples_per_s=throughput,
+            mfu=throughput * self.flops_per_sample / self.peak_flops,
+            samples_seen=self.samples_seen,
+            skipped_samples=self.loader.state_dict().get("skipped", 0),
+        )
+        if stats.logit_scale is not None:
+            record["logit_scale"] = stats.logit_scale
+        return record
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg.train
+        before = self.run_eval(step=0)
+        batches = iter(self.loader)
+        interval_samples, interval_start = 0, time.perf_counter()
+        stats = None
+        checkpoint = None
+        bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not self.cfg.log.progress, dynamic_ncols=True)
+        for step in bar:
+            stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
+            if not math.isfinite(stats.loss):
+                raise TrainingDiverged(
+                    f"loss became {stats.loss} at step {step}; lower train.lr or use train.precision=fp32"
+                )
+            self.samples_seen += cfg.global_batch_size
+            interval_samples += cfg.global_batch_size
+            bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+            if step % self.cfg.log.every == 0 or step == cfg.steps:
+                seconds = time.perf_counter() - interval_start
+                self.logger.log_train(self.metrics_record(step, stats, interval_samples, seconds))
+                interval_samples, interval_start = 0, time.perf_counter()
+            if self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0:
+                checkpoint = self.save(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                self.run_eval(step)
+        bar.close()
+        if self.cfg.checkpoint.save_final and (checkpoint is None or not checkpoint.name.endswith(f"{cfg.steps:08d}")):
+            checkpoint = self.save(cfg.steps)
+        after = self.run_eval(step=cfg.steps)
+        return TrainResult(self.run_dir, stats.loss, before, after, checkpoint)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run a whole training job described by `cfg` in this process and return its result."""
+    configure_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    set_deterministic(cfg.train.deterministic)
+    device = default_device()
+    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    eval_loader = build_eval_loader(cfg, cfg.train.eval_batch_size)
+    run_dir = prepare_run_dir(cfg)
+    engine = build_engine(cfg, device)
+    logger = MetricsLogger(cfg, run_dir, config_to_dict(cfg))
+    try:
+        return Trainer(cfg, run_dir, engine, loader, eval_loader, logger).fit()
+    finally:
+        logger.close()
+
+
+def format_eval(metrics: dict[str, float]) -> str:
+    """A one-line summary of held-out metrics."""
+    return "  ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+
+
+def print_result(result: TrainResult, stream=sys.stdout) -> None:
+    """The end-of-run summary a user reads."""
+    print(f"run directory: {result.run_dir}", file=stream)
+    print(f"final training loss: {result.final_loss:.4f}", file=stream)
+    if result.eval_before:
+        print(f"held-out before training: {format_eval(result.eval_before)}", file=stream)
+        print(f"held-out after training:  {format_eval(result.eval_after)}", file=stream)
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}", file=stream)
+
+
+
