@@ -45,7 +45,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not a list or value")
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
     return data
 
 

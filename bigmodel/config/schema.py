@@ -170,7 +170,7 @@ class TrainConfig:
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     loss_weights: LossWeights = Field(default_factory=LossWeights)
-    """Weights of the objectives."""
+    """Weights of the objectives in the total loss."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in backward (less memory, about a third more compute)."""
     deterministic: bool = False
@@ -220,14 +220,14 @@ class Config:
     engine: Engine = "native"
     """Training engine: native (torch.distributed) or deepspeed."""
     model: ModelConfig = Field(default_factory=ModelConfig)
-    """The model."""
+    """The model: towers, fusion and heads."""
     data: DataConfig = Field(default_factory=DataConfig)
-    """The data."""
+    """The data: source, tokenizer, augmentation and masking."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    """The parallel layout."""
+    """The parallel layout: data, tensor and pipeline parallel degrees, ZeRO stage."""
     train: TrainConfig = Field(default_factory=TrainConfig)
-    """The optimisation loop."""
+    """The optimisation loop: steps, batch, optimizer, schedule, precision."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    """Checkpointing."""
+    """When checkpoints are saved and how many are kept."""
     log: LogConfig = Field(default_factory=LogConfig)
-    """Logging."""
+    """What is logged, where and how often."""
