@@ -141,11 +141,15 @@ class MaskedLMHead(nn.Module):
 
 
 def itm_partner(batch_size: int, device: torch.device) -> torch.Tensor:
-    """Index of each sample's negative caption: i ^ 1, i.e. the neighbour in its pair (needs an even batch).
+    """Index of each sample's negative caption: i ^ 1, the other member of its pair.
 
-    Pairs never cross an even-sized split of the batch, so every data-parallel layout forms the same pairs.
+    Pairs never cross an even-sized split of the batch, so every data-parallel layout forms the same pairs
+    (training configs are validated to have even microbatches). In an odd batch (the last one of an evaluation)
+    the unpaired last sample borrows its left neighbour's caption.
     """
-    return torch.arange(batch_size, device=device) ^ 1
+    index = torch.arange(batch_size, device=device)
+    partner = index ^ 1
+    return torch.where(partner < batch_size, partner, index - 1)
 
 
 class MultimodalEncoder(nn.Module):
@@ -164,7 +168,8 @@ class MultimodalEncoder(nn.Module):
         self.objectives = tuple(o for o in OBJECTIVES if o in objectives)
         self.vision = VisionTower(cfg)
         self.text = TextTower(cfg)
-        if cfg.fusion != "none":
+        # Only ITM and MLM read fused text; without them a fusion stack would hold parameters that never get gradients.
+        if cfg.fusion != "none" and {"itm", "mlm"} & set(self.objectives):
             self.fusion = Fusion(cfg)
         if "contrastive" in self.objectives:
             self.contrastive = ContrastiveHead(cfg)

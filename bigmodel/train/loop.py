@@ -59,10 +59,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 def training_flops_per_sample(cfg: Config) -> float:
     """Model FLOPs of forward + backward for one sample (the numerator of MFU)."""
-    counts = flops_per_sample(
-        cfg.model, active_objectives(cfg.train.loss_weights), mlm_probability=cfg.data.mlm_probability
-    )
-    return float(counts["train_total"])
+    masked = cfg.data.mlm_probability * cfg.model.context_length
+    return flops_per_sample(cfg.model, active_objectives(cfg.train.loss_weights), masked_tokens=masked)["train"]
 
 
 class Trainer:
