@@ -114,7 +114,8 @@ class BlockStack(nn.Module):
         return x
 
 
-def block_stack(width: int, heads: int, mlp_dim: int, layers: int, activation: str, dropout: float, eps: float,
-                cross: bool = False) -> BlockStack:
+def block_stack(
+    width: int, heads: int, mlp_dim: int, layers: int, activation: str, dropout: float, eps: float, cross: bool = False
+) -> BlockStack:
     """`layers` identical blocks in a BlockStack."""
     return BlockStack([Block(width, heads, mlp_dim, activation, dropout, eps, cross) for _ in range(layers)])

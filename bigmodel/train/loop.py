@@ -168,8 +168,16 @@ def print_result(result: TrainResult, stream=sys.stdout) -> None:
     if result.eval_before:
         print(f"held-out before training: {format_eval(result.eval_before)}", file=stream)
         print(f"held-out after training:  {format_eval(result.eval_after)}", file=stream)
+    if "i2t_r1" in result.eval_after:
+        before, after, chance = (
+            result.eval_before["i2t_r1"],
+            result.eval_after["i2t_r1"],
+            result.eval_after["chance_r1"],
+        )
+        print(
+            f"held-out image->text recall@1: {before:.3f} -> {after:.3f} "
+            f"(chance {chance:.4f}; {after / chance:.0f}x chance)",
+            file=stream,
+        )
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}", file=stream)
-
-
-

@@ -73,7 +73,12 @@ class MetricsLogger:
             return None
         name = cfg.log.run_name or run_dir.name
         return wandb.init(
-            project=cfg.log.wandb_project, name=name, dir=str(run_dir), mode=mode, config=config_dict, reinit=True
+            project=cfg.log.wandb_project,
+            name=name,
+            dir=str(run_dir),
+            mode=mode,
+            config=config_dict,
+            reinit="finish_previous",
         )
 
     def log_train(self, record: dict[str, Any]) -> None:
