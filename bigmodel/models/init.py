@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -49,16 +49,25 @@ def mark_residual_outputs(model: nn.Module) -> None:
             module._is_residual_output = True
 
 
-@torch.no_grad()
-def init_weights(model: MultimodalEncoder, seed: int, device: torch.device | str = "cpu") -> MultimodalEncoder:
-    """Materialise `model` (possibly on the meta device) on `device` and fill every parameter from (seed, name)."""
-    model.to_empty(device=device)
+def initial_values(model: MultimodalEncoder, seed: int) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+    """(qualified name, parameter, full fp32 initial value) for every parameter of `model`.
+
+    The value has the parameter's global shape, so a parallel layout can take its own shard of it.
+    """
     mark_residual_outputs(model)
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             value = initial_value(module, param_name, param.shape, model.cfg, param_generator(seed, full_name))
-            param.copy_(value.to(param.dtype))
+            yield full_name, param, value
+
+
+@torch.no_grad()
+def init_weights(model: MultimodalEncoder, seed: int, device: torch.device | str = "cpu") -> MultimodalEncoder:
+    """Materialise `model` (possibly on the meta device) on `device` and fill every parameter from (seed, name)."""
+    model.to_empty(device=device)
+    for _, param, value in initial_values(model, seed):
+        param.copy_(value.to(param.dtype))
     return model
 
 
