@@ -45,8 +45,9 @@ def build_train_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Globa
     """This data-parallel rank's loader of training batches (global batch train.global_batch_size, seed
     train.seed, augmentation per data.augment).
 
-    Raises ValueError (naming the field to fix) if the tokenizer needs more ids than model.vocab_size, the
-    shards are missing or the global batch does not split evenly over dp_size ranks.
+    Each local batch holds this rank's share of each of the train.grad_accum microbatches in turn (see
+    GlobalBatchLoader). Raises ValueError (naming the field to fix) if the tokenizer needs more ids than
+    model.vocab_size, the shards are missing or the global batch does not split evenly over dp_size ranks.
     """
     dataset = ImageTextDataset(_train_source(cfg), _checked_tokenizer(cfg), cfg, augment=cfg.data.augment)
     return GlobalBatchLoader(
@@ -56,6 +57,7 @@ def build_train_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Globa
         dp_size=dp_size,
         seed=cfg.train.seed,
         num_workers=cfg.data.num_workers,
+        microbatches=cfg.train.grad_accum,
     )
 
 

@@ -2,8 +2,10 @@
 
 The stream: position p = 0, 1, 2, ... is dataset index perm_e[p % N] for epoch e = p // N, where perm_e is a
 permutation of the N samples seeded by (seed, e). Step s covers positions [s*G, (s+1)*G) for global batch size
-G, and data-parallel rank r takes the contiguous slice [s*G + r*G/dp, s*G + (r+1)*G/dp). A sample's tensors are
-keyed by (seed, p) alone, so concatenating the ranks' local batches gives the single-rank batch for any dp.
+G, split into A microbatches (gradient accumulation) of M = G/A consecutive positions. Data-parallel rank r takes
+the contiguous slice [r*M/dp, (r+1)*M/dp) of every microbatch, so microbatch m of every layout holds the same
+samples as microbatch m of a single process. A sample's tensors are keyed by (seed, p) alone, so the ranks'
+slices of a microbatch concatenate to the single-rank microbatch for any dp.
 """
 
 from __future__ import annotations
@@ -45,17 +47,20 @@ class GlobalBatchLoader:
         dp_size: int = 1,
         seed: int = 0,
         num_workers: int = 0,
+        microbatches: int = 1,
     ) -> None:
-        if global_batch_size % dp_size != 0:
+        if global_batch_size % (dp_size * microbatches) != 0:
             raise ValueError(
-                f"train.global_batch_size ({global_batch_size}) must be divisible by the {dp_size} data-parallel "
-                f"ranks; use a multiple of {dp_size}"
+                f"train.global_batch_size ({global_batch_size}) must split into {microbatches} microbatches over "
+                f"{dp_size} data-parallel ranks; use a multiple of {dp_size * microbatches}"
             )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // dp_size
+        self.microbatches = microbatches
+        self.dp_size = dp_size
         self.dp_rank = dp_rank
         self.seed = seed
         self.num_workers = num_workers
@@ -73,10 +78,22 @@ class GlobalBatchLoader:
             self._permutations[epoch] = epoch_permutation(self.seed, epoch, len(self.dataset))
         return int(self._permutations[epoch][offset])
 
+    def local_positions(self, step: int) -> list[int]:
+        """Stream positions of this rank's batch of `step`: its slice of each microbatch, microbatch by microbatch."""
+        micro = self.global_batch_size // self.microbatches
+        share = micro // self.dp_size
+        positions = []
+        for m in range(self.microbatches):
+            start = step * self.global_batch_size + m * micro + self.dp_rank * share
+            positions.extend(range(start, start + share))
+        return positions
+
     def local_batch(self, step: int) -> tuple[dict[str, torch.Tensor], int]:
-        """This rank's batch of `step` and the number of bad samples skipped building it; a pure function."""
-        start = step * self.global_batch_size + self.dp_rank * self.local_batch_size
-        positions = range(start, start + self.local_batch_size)
+        """This rank's batch of `step` and the number of bad samples skipped building it; a pure function.
+
+        Split it into `microbatches` equal contiguous pieces to get this rank's share of each microbatch.
+        """
+        positions = self.local_positions(step)
         keys = [(_TRAIN_STREAM, self.seed, position) for position in positions]
         return self.dataset.batch([self._dataset_index(p) for p in positions], keys)
 

@@ -1,14 +1,15 @@
-"""Pretraining objectives and their weighted sum."""
+"""Pretraining objectives and their weighted sum, on one rank or across data-parallel ranks."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from bigmodel.config.schema import LossWeights
-from bigmodel.losses.contrastive import contrastive_loss
+from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad
 
-__all__ = ["active_objectives", "contrastive_loss", "total_loss"]
+__all__ = ["active_objectives", "contrastive_loss", "gather_with_grad", "masked_lm_loss", "total_loss"]
 
 
 def active_objectives(weights: LossWeights) -> tuple[str, ...]:
@@ -16,17 +17,44 @@ def active_objectives(weights: LossWeights) -> tuple[str, ...]:
     return tuple(name for name in ("contrastive", "itm", "mlm") if getattr(weights, name) > 0)
 
 
-def total_loss(outputs: dict[str, torch.Tensor], weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits to fp32 for the softmax (as autocast would); fp32 and fp64 are left as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Cross-entropy over the masked positions, normalised by the masked count of the whole microbatch.
+
+    logits (M, V) and labels (M,) for this rank's M masked positions. Ranks mask different numbers of tokens, so a
+    plain per-rank mean averaged over ranks would weight tokens unequally; with `group` the per-rank value is
+    scaled so that the mean over ranks (what data-parallel gradient averaging computes) is the global token mean.
+    """
+    loss = F.cross_entropy(upcast(logits), labels)
+    if group is None or dist.get_world_size(group) == 1:
+        return loss
+    counts = torch.tensor([float(labels.numel())], dtype=loss.dtype, device=labels.device)
+    total = counts.clone()
+    dist.all_reduce(total, group=group)
+    return loss * (counts * dist.get_world_size(group) / total).squeeze(0)
+
+
+def total_loss(
+    outputs: dict[str, torch.Tensor], weights: LossWeights, dp_group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the objectives present in `outputs` (from MultimodalEncoder.forward) and each part.
 
-    The parts are returned detached, for logging.
+    With `dp_group`, each rank holds its slice of the microbatch and the values are such that their mean over the
+    data-parallel ranks (and the mean of the gradients) equals the single-process loss on the whole microbatch.
+    Image-text matching needs no correction: every rank scores the same number of pairs. Parts come back detached.
     """
     parts: dict[str, torch.Tensor] = {}
     if "image_embeds" in outputs:
-        parts["contrastive"] = contrastive_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"])
+        parts["contrastive"] = contrastive_loss(
+            outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], dp_group
+        )
     if "itm_logits" in outputs:
-        parts["itm"] = F.cross_entropy(outputs["itm_logits"].float(), outputs["itm_labels"])
+        parts["itm"] = F.cross_entropy(upcast(outputs["itm_logits"]), outputs["itm_labels"])
     if "mlm_logits" in outputs:
-        parts["mlm"] = F.cross_entropy(outputs["mlm_logits"].float(), outputs["mlm_labels"])
+        parts["mlm"] = masked_lm_loss(outputs["mlm_logits"], outputs["mlm_labels"], dp_group)
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

@@ -259,6 +259,20 @@ def test_ranks_concatenate_to_the_single_rank_batch(dp_size: int) -> None:
         assert_batches_equal({k: torch.cat([b[k] for b in local]) for k in expected}, expected)
 
 
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_ranks_share_every_microbatch_like_a_single_process(dp_size: int) -> None:
+    # With accumulation over 2 microbatches, microbatch m of every layout must hold the samples of a single
+    # process's microbatch m (the contrastive loss compares samples within a microbatch).
+    cfg = make_config()
+    cfg.train.grad_accum = 2
+    reference = next(iter(build_train_loader(cfg, 0, 1)))["index"].tensor_split(2)
+    local = [next(iter(build_train_loader(cfg, rank, dp_size)))["index"].tensor_split(2) for rank in range(dp_size)]
+    for m, expected in enumerate(reference):
+        assert torch.equal(torch.cat([pieces[m] for pieces in local]), expected)
+    whole = next(iter(build_train_loader(make_config(), 0, 1)))["index"]
+    assert torch.equal(torch.cat(reference), whole), "accumulation must not change the step's samples"
+
+
 def test_global_batch_must_split_over_ranks() -> None:
     with pytest.raises(ValueError, match=r"train\.global_batch_size \(16\).*3"):
         build_train_loader(make_config(), 0, 3)
