@@ -125,6 +125,8 @@ def bigmodel_to_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
     ValueError (one line, naming the tensor) for a tensor CLIP has no place for or a missing one.
     """
     converted = {clip_key(name): tensor for name, tensor in state_dict.items()}
+    if "logit_scale" in converted:
+        converted["logit_scale"] = converted["logit_scale"].reshape(())  # CLIPModel's is a scalar, ours (1,)
     missing = _first_missing(state_dict)
     if missing is not None:
         raise ValueError(f"bigmodel state dict lacks {missing!r}, which CLIPModel needs")
@@ -140,7 +142,7 @@ def clip_to_bigmodel_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
     for clip_name, tensor in state_dict.items():
         name = bigmodel_key(clip_name)
         if name is not None:
-            converted[name] = tensor
+            converted[name] = tensor.reshape(1) if name == "contrastive.logit_scale" else tensor
     missing = _first_missing(converted)
     if missing is not None:
         raise ValueError(f"CLIP state dict lacks {clip_key(missing)!r}, which bigmodel needs")

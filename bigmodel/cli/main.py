@@ -6,11 +6,11 @@ import argparse
 import os
 import sys
 
-from bigmodel.cli import data, eval, info, train
+from bigmodel.cli import data, eval, info, launch, train, verify
 from bigmodel.cli.common import split_overrides
 from bigmodel.config import ConfigError
 
-COMMANDS = (train, eval, data, info)
+COMMANDS = (train, eval, data, launch, verify, info)
 
 # Errors caused by what the user gave us (config, paths, data): reported as one line, not a traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)

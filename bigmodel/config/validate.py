@@ -14,6 +14,10 @@ def validate_config(cfg: Config) -> None:
     check_schedule(cfg)
     check_data(cfg)
     refuse_unavailable(cfg)
+    # Imported here: the parallel package imports torch.distributed, which plain config use does not need.
+    from bigmodel.parallel.dims import ParallelDims
+
+    ParallelDims.from_config(cfg).check_layout(cfg)
 
 
 def _divisors(n: int) -> str:
@@ -111,15 +115,10 @@ def check_data(cfg: Config) -> None:
 def refuse_unavailable(cfg: Config) -> None:
     """Refuse values whose implementation has not landed yet, rather than silently ignoring them."""
     p = cfg.parallel
-    later = "is not available yet (it comes with the native parallel engine); "
-    for name in ("dp_replicate", "dp_shard", "tp", "pp"):
-        value = getattr(p, name)
-        if value != 1:
-            raise ConfigError(f"parallel.{name}={value} {later}set parallel.{name}=1")
-    if p.sp:
-        raise ConfigError(f"parallel.sp=true {later}set parallel.sp=false")
-    if p.zero_stage != 0:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} {later}set parallel.zero_stage=0")
+    if p.pp != 1:
+        raise ConfigError(
+            f"parallel.pp={p.pp} is not available yet (pipeline parallelism comes next); set parallel.pp=1"
+        )
     if p.microbatches != 1:
         raise ConfigError(
             f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1), which are not available "

@@ -24,6 +24,8 @@ class StepStats:
     grad_norm: float = 0.0
     lr: float = 0.0
     logit_scale: float | None = None
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Whole gradients by parameter name, only when asked for (verification)."""
 
 
 class Engine(ABC):
@@ -33,8 +35,13 @@ class Engine(ABC):
     device: torch.device
 
     @abstractmethod
-    def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]]) -> StepStats:
-        """Forward and backward every microbatch, accumulate, clip, step the optimizer and the schedule."""
+    def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]], capture_grads: bool = False) -> StepStats:
+        """Forward and backward every microbatch, accumulate, clip, step the optimizer and the schedule.
+
+        With `capture_grads`, also return the whole gradients (before clipping) in StepStats.grads."""
+
+    memory: dict[str, int] | None
+    """This rank's bytes of parameters, gradients and optimizer state, measured during the first step."""
 
     @abstractmethod
     def forward_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""The native engine: plain PyTorch on one process. Parallel layouts build on this in bigmodel/parallel."""
+"""The native engine: PyTorch's own parallelism (DTensor tensor parallel, FSDP2, our ZeRO 0-2 over torch
+collectives) applied to the plain model by `bigmodel.parallel`. On one process it is the reference every layout
+must reproduce.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +10,44 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import Engine, StepStats
 from bigmodel.losses import active_objectives, total_loss
-from bigmodel.models import build_model
+from bigmodel.parallel.context import ParallelContext
+from bigmodel.parallel.data_parallel import ZeroOptimizer
+from bigmodel.parallel.grad_norm import clip_grad_norm_
+from bigmodel.parallel.memory import model_state_bytes
+from bigmodel.parallel.parallelize import build_parallel_model
+from bigmodel.parallel.tensor_parallel import align_gradients, loss_context
 from bigmodel.train.optim import build_optimizer, build_scheduler
 
 
 class NativeEngine(Engine):
-    """Single-process training: the reference every parallel layout must reproduce."""
+    """Training in any layout of ParallelDims: data parallel (ZeRO 0-3, HSDP) x tensor (+ sequence) parallel.
 
-    def __init__(self, cfg: Config, device: torch.device):
+    ZeRO stages 0-2 (with more than one data-parallel rank) keep whole parameters and go through ZeroOptimizer;
+    stage 3 shards parameters with FSDP2 and uses a plain AdamW over the sharded DTensors, as does a run with a
+    single data-parallel rank.
+    """
+
+    def __init__(self, cfg: Config, ctx: ParallelContext):
         self.cfg = cfg
-        self.device = device
-        self.model = build_model(cfg.model, active_objectives(cfg.train.loss_weights), cfg.train.seed, device)
-        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.ctx = ctx
+        self.device = ctx.device
+        self.model = build_parallel_model(cfg, ctx, active_objectives(cfg.train.loss_weights))
+        dims = ctx.dims
+        self.zero: ZeroOptimizer | None = None
+        if dims.dp > 1 and dims.zero_stage < 3:
+            self.zero = ZeroOptimizer(self.model, cfg.train, ctx.meshes.dp, dims.zero_stage)
+            self.optimizer = self.zero.optimizer
+        else:
+            self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.memory: dict[str, int] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for the forward when train.precision is bf16; parameters and optimizer stay fp32."""
@@ -32,49 +55,113 @@ class NativeEngine(Engine):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]]) -> StepStats:
+    def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]], capture_grads: bool = False) -> StepStats:
+        """One optimizer step over this rank's share of each microbatch. Every rank of the job calls it.
+
+        With `capture_grads`, StepStats.grads holds every parameter's whole gradient (averaged over data-parallel
+        ranks, before clipping), a collective meant for verification on small models.
+        """
         self.model.train()
         weights = self.cfg.train.loss_weights
-        loss_sum = torch.zeros((), device=self.device)
-        part_sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
         for batch in microbatches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.autocast():
-                outputs = self.model(batch)
-            loss, parts = total_loss(outputs, weights)
-            (loss / len(microbatches)).backward()
-            loss_sum += loss.detach()
-            for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0.0) + value
-        max_norm = self.cfg.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            # Vocab-parallel cross-entropy needs forward, loss and backward inside loss_parallel.
+            with loss_context(self.ctx.dims.tp > 1):
+                with self.autocast():
+                    outputs = self.model(batch)
+                loss, parts = total_loss(outputs, weights, self.ctx.dp_group)
+                (loss / len(microbatches)).backward()
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                value = value.full_tensor() if isinstance(value, DTensor) else value
+                sums[name] = sums.get(name, 0.0) + value.float()
+        if self.ctx.dims.tp > 1 and self.ctx.dims.zero_stage < 3:  # FSDP reduces its own gradients
+            align_gradients(self.model)
+        if self.zero is not None:
+            self.zero.sync_gradients()
+        grads = self.full_gradients() if capture_grads else {}
+        grad_norm = self.clip_gradients()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        grad_bytes = self.model_state_bytes()["grads"] if self.memory is None else 0
+        (self.zero or self.optimizer).step()
+        if self.memory is None:  # optimizer state exists from the first step on
+            self.memory = self.model_state_bytes() | {"grads": grad_bytes}
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        n = len(microbatches)
-        scale = getattr(self.model, "contrastive", None)
+        self.zero_grad()
+        means = self.mean_over_data_parallel(sums, len(microbatches))
         return StepStats(
-            loss=loss_sum.item() / n,
-            parts={name: value.item() / n for name, value in part_sums.items()},
+            loss=means.pop("loss"),
+            parts=means,
             grad_norm=grad_norm.item(),
             lr=lr,
-            logit_scale=scale.logit_scale.exp().item() if scale is not None else None,
+            logit_scale=self.logit_scale(),
+            grads=grads,
         )
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip to train.grad_clip (0: off) by the global norm over every shard; return the norm before clipping."""
+        max_norm = self.cfg.train.grad_clip
+        if self.zero is not None:
+            return self.zero.clip_grad_norm_(max_norm)
+        return clip_grad_norm_([p.grad for p in self.model.parameters() if p.grad is not None], max_norm)
+
+    def zero_grad(self) -> None:
+        if self.zero is not None:
+            self.zero.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Whole gradients by parameter name (a collective under tensor parallelism, FSDP or ZeRO-2)."""
+        if self.zero is not None:
+            return self.zero.full_gradients()
+        full = {}
+        for name, param in self.model.named_parameters():
+            grad = param.grad
+            full[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
+        return full
+
+    def mean_over_data_parallel(self, sums: dict[str, torch.Tensor], microbatches: int) -> dict[str, float]:
+        """Per-microbatch means of the logged losses, averaged over data-parallel ranks (one all-reduce)."""
+        names = list(sums)
+        stacked = torch.stack([sums[n] for n in names]) / microbatches
+        if self.ctx.dp_group is not None:
+            dist.all_reduce(stacked, group=self.ctx.dp_group)
+            stacked /= self.ctx.dims.dp
+        return dict(zip(names, stacked.tolist(), strict=True))
+
+    def logit_scale(self) -> float | None:
+        head = getattr(self.model, "contrastive", None)
+        if head is None:
+            return None
+        value = head.logit_scale.detach()
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        return value.exp().item()
 
     @torch.no_grad()
     def forward_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.model.eval()
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast():
-            return self.model(batch)
+            out = self.model(batch)
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in out.items()}
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters, gradients and optimizer state (call between backward and zero_grad,
+        or after a step for parameters and optimizer state)."""
+        return model_state_bytes(self.model, self.zero or self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+        """Single process: model, optimizer and schedule. Several processes: the whole model's weights (gathered,
+        on CPU, every rank takes part); the sharded optimizer state is saved by the sharded checkpoint format."""
+        if not self.ctx.env.distributed:
+            return {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"model": get_model_state_dict(self.model, options=options), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -84,6 +171,6 @@ class NativeEngine(Engine):
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_engine(cfg: Config, device: torch.device) -> Engine:
+def build_engine(cfg: Config, ctx: ParallelContext) -> Engine:
     """The engine named by cfg.engine (validation has already refused engines that are not available)."""
-    return NativeEngine(cfg, device)
+    return NativeEngine(cfg, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import LossWeights
 from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad
@@ -30,6 +31,10 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.Proce
     scaled so that the mean over ranks (what data-parallel gradient averaging computes) is the global token mean.
     """
     loss = F.cross_entropy(upcast(logits), labels)
+    if isinstance(loss, DTensor):
+        # Vocab-sharded logits under loss_parallel() (tensor parallelism) give a replicated DTensor. As a plain
+        # tensor it adds to the other objectives' plain losses; its gradient re-enters as a replicated DTensor.
+        loss = loss.to_local()
     if group is None or dist.get_world_size(group) == 1:
         return loss
     counts = torch.tensor([float(labels.numel())], dtype=loss.dtype, device=labels.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 
@@ -19,7 +19,8 @@ def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     Differentiable: the backward sums each rank's gradient for every slice and hands a rank the sum for its own.
     All ranks of `group` must call it with equally shaped `x`.
     """
-    return torch.cat(dist_fn.all_gather(x.contiguous(), group=group), dim=0)
+    gathered = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)
+    return funcol.wait_tensor(gathered)
 
 
 def contrastive_loss(

@@ -116,7 +116,8 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.visual_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.empty(()))
+        # Shape (1,), not a scalar: FSDP2 shards parameters along dim 0. CLIPModel stores it as a scalar.
+        self.logit_scale = nn.Parameter(torch.empty(1))
         self.logit_scale_max = cfg.logit_scale_max
 
     def forward(self, image_pooled: torch.Tensor, text_pooled: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,7 +200,7 @@ class MultimodalEncoder(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the towers, fusion and heads on a batch (keys as produced by `bigmodel.data`).
 
-        Returns, per objective: contrastive -> image_embeds, text_embeds (B, E) unit-norm and logit_scale ();
+        Returns, per objective: contrastive -> image_embeds, text_embeds (B, E) unit-norm and logit_scale (1,);
         itm -> itm_logits (2B, 2) and itm_labels (2B,) for the B true pairs then the B pairs with a neighbour's
         caption; mlm -> mlm_logits (M, V) and mlm_labels (M,) for the M masked positions.
         """

@@ -43,6 +43,10 @@ class ParallelDims:
                 f"pp={self.pp} needs {self.world_size} processes but {world_size} were started; change the layout "
                 f"or start {self.world_size} processes"
             )
+        self.check_layout(cfg)
+
+    def check_layout(self, cfg: Config) -> None:
+        """Raise ConfigError (one line) if the layout cannot work for this model, whatever the world size."""
         m = cfg.model
         if self.tp > 1:
             divisible = {
@@ -59,7 +63,9 @@ class ParallelDims:
                         f"(or change {name})"
                     )
         if self.sp and self.tp == 1:
-            raise ConfigError("parallel.sp=true shards sequences across tensor-parallel ranks; it needs parallel.tp > 1")
+            raise ConfigError(
+                "parallel.sp=true shards sequences across tensor-parallel ranks; it needs parallel.tp > 1"
+            )
         if self.dp_replicate > 1 and self.zero_stage in (1, 2):
             raise ConfigError(
                 f"parallel.zero_stage={self.zero_stage} shards over parallel.dp_shard only; set dp_shard to the "

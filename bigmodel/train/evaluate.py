@@ -60,12 +60,14 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     from bigmodel.checkpoint.simple import load_model_weights
     from bigmodel.data import build_eval_loader
     from bigmodel.engines import build_engine
-    from bigmodel.train.runtime import configure_threads, default_device
+    from bigmodel.parallel.context import setup_parallel
+    from bigmodel.train.runtime import configure_threads
 
-    configure_threads(cfg.train.threads)
+    ctx = setup_parallel(cfg)
+    configure_threads(cfg.train.threads, ctx.env.local_world_size)
     eval_loader = build_eval_loader(cfg, cfg.train.eval_batch_size)
     if eval_loader is None:
         raise ValueError("there is no held-out split to evaluate on; set data.eval_shards (or use data.source=shapes)")
-    engine = build_engine(cfg, default_device())
+    engine = build_engine(cfg, ctx)
     engine.model.load_state_dict(load_model_weights(checkpoint))
     return evaluate(engine, eval_loader)

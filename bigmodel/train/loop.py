@@ -6,6 +6,7 @@ so the parallel engines plug in without changing it.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -22,9 +23,10 @@ from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
 from bigmodel.losses import active_objectives
 from bigmodel.models.flops import flops_per_sample
+from bigmodel.parallel.context import ParallelContext, setup_parallel
 from bigmodel.train.evaluate import evaluate
-from bigmodel.train.metrics import MetricsLogger, measure_matmul_peak
-from bigmodel.train.runtime import configure_threads, default_device, seed_everything, set_deterministic
+from bigmodel.train.metrics import MetricsLogger, NullLogger, measure_matmul_peak
+from bigmodel.train.runtime import configure_threads, seed_everything, set_deterministic
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,10 +66,14 @@ def training_flops_per_sample(cfg: Config) -> float:
 
 
 class Trainer:
-    """Runs `cfg.train.steps` optimizer steps of `engine` on `loader`, logging, evaluating and checkpointing."""
+    """Runs `cfg.train.steps` optimizer steps of `engine` on `loader`, logging, evaluating and checkpointing.
 
-    def __init__(self, cfg: Config, run_dir: Path, engine: Engine, loader, eval_loader, logger: MetricsLogger):
+    Every rank runs `fit`; only the main rank logs, shows progress and writes files.
+    """
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, run_dir: Path, engine: Engine, loader, eval_loader, logger):
         self.cfg = cfg
+        self.ctx = ctx
         self.run_dir = run_dir
         self.engine = engine
         self.loader = loader
@@ -76,7 +82,8 @@ class Trainer:
         self.samples_seen = 0
         self.flops_per_sample = training_flops_per_sample(cfg)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.peak_flops = measure_matmul_peak(dtype, engine.device)
+        # Every process gets the same share of the machine, so the job's peak is one process's times the world.
+        self.peak_flops = measure_matmul_peak(dtype, engine.device) * ctx.env.world_size
 
     def run_eval(self, step: int) -> dict[str, float]:
         if self.eval_loader is None:
@@ -86,10 +93,26 @@ class Trainer:
         return metrics
 
     def save(self, step: int) -> Path:
-        manifest = {"samples_seen": self.samples_seen, "config": config_to_dict(self.cfg)}
-        extra = {"loader": self.loader.state_dict(), "samples_seen": self.samples_seen}
-        ckpt_root = self.run_dir / "checkpoints"
-        return save_checkpoint(ckpt_root, step, self.engine.state_dict(), extra, manifest, self.cfg.checkpoint.keep)
+        """Save a checkpoint (every rank takes part in gathering the state; the main rank writes)."""
+        state = self.engine.state_dict()
+        path = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        if self.ctx.is_main:
+            manifest = {"samples_seen": self.samples_seen, "config": config_to_dict(self.cfg)}
+            extra = {"loader": self.loader.state_dict(), "samples_seen": self.samples_seen}
+            path = save_checkpoint(path.parent, step, state, extra, manifest, self.cfg.checkpoint.keep)
+        return path
+
+    def log_memory(self) -> None:
+        """Per-rank bytes of parameters, gradients and optimizer state, gathered to memory.json by the main rank."""
+        per_rank = gather_to_main(self.engine.memory, self.ctx)
+        if self.ctx.is_main:
+            (self.run_dir / "memory.json").write_text(json.dumps(per_rank, indent=1), encoding="utf-8")
+            mib = {k: v / 2**20 for k, v in per_rank[0].items()}
+            print(
+                f"model state on rank 0: params {mib['params']:.2f} MiB, grads {mib['grads']:.2f} MiB, "
+                f"optimizer {mib['optimizer']:.2f} MiB (all ranks: {self.run_dir / 'memory.json'})",
+                file=sys.stderr,
+            )
 
     def metrics_record(self, step: int, stats, samples: int, seconds: float) -> dict[str, Any]:
         throughput = samples / seconds if seconds > 0 else 0.0
@@ -114,9 +137,12 @@ class Trainer:
         interval_samples, interval_start = 0, time.perf_counter()
         stats = None
         checkpoint = None
-        bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not self.cfg.log.progress, dynamic_ncols=True)
+        show = self.cfg.log.progress and self.ctx.is_main
+        bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not show, dynamic_ncols=True, mininterval=1.0)
         for step in bar:
             stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
+            if step == 1:
+                self.log_memory()
             if not math.isfinite(stats.loss):
                 raise TrainingDiverged(
                     f"loss became {stats.loss} at step {step}; lower train.lr or use train.precision=fp32"
@@ -139,19 +165,32 @@ class Trainer:
         return TrainResult(self.run_dir, stats.loss, before, after, checkpoint)
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run a whole training job described by `cfg` in this process and return its result."""
-    configure_threads(cfg.train.threads)
+def gather_to_main(value: Any, ctx: ParallelContext) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on the main rank; [] elsewhere. All ranks must call it."""
+    if not ctx.env.distributed:
+        return [value]
+    gathered = [None] * ctx.env.world_size if ctx.is_main else None
+    torch.distributed.gather_object(value, gathered, dst=0)
+    return gathered or []
+
+
+def train(cfg: Config, ctx: ParallelContext | None = None) -> TrainResult:
+    """Run this process's part of the training job described by `cfg` and return its result.
+
+    Started once per process (by torchrun or another launcher, or directly for one process). Raises ConfigError
+    if the layout does not match the processes started.
+    """
+    ctx = ctx or setup_parallel(cfg)
+    configure_threads(cfg.train.threads, ctx.env.local_world_size)
     seed_everything(cfg.train.seed)
     set_deterministic(cfg.train.deterministic)
-    device = default_device()
-    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    loader = build_train_loader(cfg, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp)
     eval_loader = build_eval_loader(cfg, cfg.train.eval_batch_size)
-    run_dir = prepare_run_dir(cfg)
-    engine = build_engine(cfg, device)
-    logger = MetricsLogger(cfg, run_dir, config_to_dict(cfg))
+    run_dir = prepare_run_dir(cfg) if ctx.is_main else Path(cfg.train.out_dir)
+    engine = build_engine(cfg, ctx)
+    logger = MetricsLogger(cfg, run_dir, config_to_dict(cfg)) if ctx.is_main else NullLogger()
     try:
-        return Trainer(cfg, run_dir, engine, loader, eval_loader, logger).fit()
+        return Trainer(cfg, ctx, run_dir, engine, loader, eval_loader, logger).fit()
     finally:
         logger.close()
 

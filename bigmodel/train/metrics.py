@@ -96,3 +96,16 @@ class MetricsLogger:
         self.eval_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class NullLogger:
+    """The logger of ranks other than the main one: accepts everything, writes nothing."""
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

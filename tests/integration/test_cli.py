@@ -71,7 +71,10 @@ def test_train_on_webdataset_shards(tmp_path):
         (["train", "--config", TINY, "--data.tokenizer=/nowhere/tok.json"], "tok.json"),
         (["train", "--config", TINY, "--model.vocab_size=16"], "model.vocab_size"),
         (["eval", "/nowhere/run"], "/nowhere/run"),
-        (["info", "--config", TINY, "--parallel.tp=2"], "not available yet"),
+        (["info", "--config", TINY, "--parallel.pp=2"], "not available yet"),
+        (["launch", "--config", TINY, "--nproc", "4", "--parallel.tp=2"], "needs 2 processes but 4"),
+        (["launch", "--config", TINY, "--nproc", "2", "--parallel.tp=3"], "parallel.tp=3 does not divide"),
+        (["verify", "--config", TINY, "--layouts", "dp2,tq2"], "cannot read 'tq2'"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, expected):

@@ -1,0 +1,36 @@
+"""The recipe that turns the plain model into its parallel layout, in one fixed order:
+tensor (and sequence) parallel -> materialise and initialise -> activation checkpointing -> FSDP (ZeRO-3).
+
+ZeRO stages 0-2 do not touch the model; they live in the optimizer wrapper (`bigmodel.parallel.data_parallel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+
+from bigmodel.config.schema import Config
+from bigmodel.models.encoder import MultimodalEncoder
+from bigmodel.parallel.context import ParallelContext
+from bigmodel.parallel.fsdp import apply_fsdp
+from bigmodel.parallel.init import materialize_model
+from bigmodel.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def build_parallel_model(cfg: Config, ctx: ParallelContext, objectives: Collection[str]) -> MultimodalEncoder:
+    """The model of `cfg` laid out as `ctx` says, with identical initial weights in every layout.
+
+    Every process of the job calls this. The model is built on the meta device, so no rank ever holds more than
+    its share of the weights plus one full parameter at a time.
+    """
+    with torch.device("meta"):
+        model = MultimodalEncoder(cfg.model, objectives)
+    dims = ctx.dims
+    if dims.tp > 1:
+        apply_tensor_parallel(model, ctx.meshes.tp, sequence_parallel=dims.sp)
+    materialize_model(model, cfg.train.seed, ctx.device)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if dims.zero_stage == 3:
+        apply_fsdp(model, ctx.meshes.fsdp)
+    return model
