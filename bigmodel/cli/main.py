@@ -9,6 +9,7 @@ import sys
 from bigmodel.cli import data, eval, info, launch, train, verify
 from bigmodel.cli.common import split_overrides
 from bigmodel.config import ConfigError
+from bigmodel.parallel.env import read_dist_env
 
 COMMANDS = (train, eval, data, launch, verify, info)
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("BIGMODEL_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if read_dist_env().rank == 0:  # every process of a job hits the same bad input; say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,12 +20,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bigmodel.parallel.context import setup_parallel
+    from bigmodel.parallel.env import exit_distributed
     from bigmodel.train.loop import TrainingDiverged, print_result, train
 
+    cfg = config_from_args(args)
+    ctx = setup_parallel(cfg)
     try:
-        result = train(config_from_args(args))
+        result = train(cfg, ctx)
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"error: {err}", file=sys.stderr)
         return 1
-    print_result(result)
+    if ctx.is_main:
+        print_result(result)
+    if ctx.env.distributed:
+        exit_distributed(0)  # leaves the process group cleanly and ends the process (see its docstring)
     return 0

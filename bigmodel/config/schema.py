@@ -173,6 +173,12 @@ class TrainConfig:
     """Weights of the objectives in the total loss."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in backward (less memory, about a third more compute)."""
+    compile: bool = False
+    """torch.compile the Transformer blocks one by one (the whole model under tensor parallelism, where per-block
+    compile fails in torch 2.13). The first steps are slower while kernels compile."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend: inductor generates fused kernels (needs a C++ compiler on CPU); aot_eager and eager
+    trace without generating code (for debugging)."""
     deterministic: bool = False
     """Deterministic algorithms only (bit-identical reruns; may be slower)."""
     eval_every: int = Field(0, ge=0)

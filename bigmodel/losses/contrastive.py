@@ -19,7 +19,7 @@ def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     Differentiable: the backward sums each rank's gradient for every slice and hands a rank the sum for its own.
     All ranks of `group` must call it with equally shaped `x`.
     """
-    gathered = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)
+    gathered = funcol.all_gather_single_autograd(x.contiguous(), gather_dim=0, group=group)
     return funcol.wait_tensor(gathered)
 
 

@@ -1,5 +1,5 @@
 """The recipe that turns the plain model into its parallel layout, in one fixed order:
-tensor (and sequence) parallel -> materialise and initialise -> activation checkpointing -> FSDP (ZeRO-3).
+tensor (and sequence) parallel -> materialise and initialise -> activation checkpointing -> compile -> FSDP (ZeRO-3).
 
 ZeRO stages 0-2 do not touch the model; they live in the optimizer wrapper (`bigmodel.parallel.data_parallel`).
 """
@@ -31,6 +31,20 @@ def build_parallel_model(cfg: Config, ctx: ParallelContext, objectives: Collecti
         apply_tensor_parallel(model, ctx.meshes.tp, sequence_parallel=dims.sp)
     materialize_model(model, cfg.train.seed, ctx.device)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        apply_compile(model, whole_model=dims.tp > 1, backend=cfg.train.compile_backend)
     if dims.zero_stage == 3:
         apply_fsdp(model, ctx.meshes.fsdp)
     return model
+
+
+def apply_compile(model: MultimodalEncoder, whole_model: bool, backend: str) -> None:
+    """torch.compile in place, keeping parameter names: every block separately (identical blocks share compiled
+    code), or the whole forward at once, which tensor parallelism needs in torch 2.13 (per-block compile fails in
+    backward there with DTensor inputs)."""
+    if whole_model:
+        model.compile(backend=backend)
+        return
+    for stack in model.block_stacks():
+        for block in stack.layers.values():
+            block.compile(backend=backend)

@@ -77,3 +77,13 @@ def test_bf16_in_a_parallel_layout_stays_close_to_fp32(tmp_path):
     # within 1e-2 of fp32, while a broken bf16 path (e.g. bf16 master weights or reductions) drifts further.
     assert abs(bf16[-1] - reference.losses[-1]) / reference.losses[-1] < 1e-2
     assert report.passed, format_table(report.comparisons, report.loss_rtol, report.grad_rtol)
+
+
+@pytest.mark.slow
+def test_compiled_layouts_match_the_reference(tmp_path):
+    # aot_eager traces and replays the same ATen ops without generating code, so it checks that compilation
+    # composes with FSDP and tensor parallelism (graph breaks, hooks, DTensor tracing) without a C++ compiler.
+    # The ops and their order are the ones eager runs, hence the fp32 tolerances.
+    overrides = [*BASE, "--train.compile=true", "--train.compile_backend=aot_eager"]
+    report = verify(TINY, overrides, ["zero3x2", "tp2"], 3, tmp_path, LOSS_RTOL, GRAD_RTOL)
+    assert report.passed, format_table(report.comparisons, report.loss_rtol, report.grad_rtol)
