@@ -1,5 +1,5 @@
-# The two commands of the README: `make quickstart` (install, pretrain on the embedded dataset, report held-out
-# retrieval before and after) and `make test` (install, run the whole test suite). Both create .venv if needed.
+# The two commands of the README: `make quickstart` (install, pretrain on the embedded dataset with 4 processes,
+# report held-out retrieval before and after) and `make test` (install, run the whole test suite). Both create .venv if needed.
 PYTHON ?= python3
 VENV ?= .venv
 # torch first, pinned, so that the project's `torch>=2.6` is already satisfied and pip never pulls another build.
@@ -17,8 +17,9 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# 4 processes: 2-way sharded data parallel x 2-way tensor parallel (torchrun on this machine).
 quickstart: $(STAMP)
-	$(BIN)/bigmodel train --config configs/quickstart.yaml
+	$(BIN)/bigmodel launch --nproc 4 --config configs/quickstart.yaml --parallel.dp_shard=2 --parallel.tp=2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -18,12 +18,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
 def split_overrides(extra: list[str]) -> list[str]:
     """Turn the arguments argparse did not recognise into `--section.key=value` items.
 
-    Accepts both `--train.steps=10` and `--train.steps 10`; anything else is a one-line ConfigError.
+    Accepts `--train.steps=10`, `--train.steps 10` and top-level keys with a value (`--engine=native`); anything
+    else is a one-line ConfigError.
     """
     overrides, i = [], 0
     while i < len(extra):
         item = extra[i]
-        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+        if not item.startswith("--") or ("." not in item.split("=", 1)[0] and "=" not in item):
             raise ConfigError(f"unrecognised argument {item!r}; config overrides look like --train.steps=100")
         if "=" not in item:
             if i + 1 >= len(extra) or extra[i + 1].startswith("--"):

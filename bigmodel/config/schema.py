@@ -121,7 +121,12 @@ class ParallelConfig:
     pp_schedule: PipelineSchedule = "1f1b"
     """Pipeline schedule (with pp > 1)."""
     microbatches: int = Field(1, ge=1)
-    """Pipeline microbatches per step (with pp > 1)."""
+    """Pipeline microbatches per step (with pp > 1; replaces train.grad_accum, which must then be 1)."""
+    pp_virtual_stages: int = Field(2, ge=1)
+    """Pipeline stages per rank for the interleaved_1f1b and zero_bubble schedules (gpipe and 1f1b use 1)."""
+    pp_layers: list[int] = Field(default_factory=list)
+    """Transformer blocks per pipeline stage, in forward order over the image tower, text tower and fusion stack
+    (one entry per stage, summing to all blocks); empty: split automatically so stages have balanced FLOPs."""
 
 
 @dataclass(config=SECTION_CONFIG)
@@ -217,6 +222,9 @@ class LogConfig:
     """Run name for logs (empty: the basename of train.out_dir)."""
     progress: bool = True
     """Show a progress bar with ETA on rank 0."""
+    pp_timeline_step: int = Field(0, ge=0)
+    """With a pipeline: record this step's per-stage forward/backward times (0: never; use 2 or later, the first
+    step also infers shapes) and write timeline.png and timeline.json (Chrome trace) into the run directory."""
 
 
 @dataclass(config=SECTION_CONFIG)

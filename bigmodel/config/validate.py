@@ -66,6 +66,11 @@ def check_objectives(cfg: Config) -> None:
         raise ConfigError("train.loss_weights.mlm > 0 but data.mlm_probability=0 masks nothing; set it to e.g. 0.15")
 
 
+def microbatches_per_step(cfg: Config) -> int:
+    """How many microbatches a step's global batch is split into: accumulation, or the pipeline's microbatches."""
+    return cfg.parallel.microbatches if cfg.parallel.pp > 1 else cfg.train.grad_accum
+
+
 def check_batch(cfg: Config) -> None:
     t, p = cfg.train, cfg.parallel
     if t.global_batch_size % t.grad_accum:
@@ -73,24 +78,35 @@ def check_batch(cfg: Config) -> None:
             f"train.grad_accum={t.grad_accum} does not divide train.global_batch_size={t.global_batch_size}; "
             f"use one of {_divisors(t.global_batch_size)}"
         )
+    if p.pp > 1 and t.grad_accum != 1:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} with a pipeline: the pipeline's microbatches are the accumulation; "
+            "set train.grad_accum=1 and parallel.microbatches instead"
+        )
     dp = p.dp_replicate * p.dp_shard
-    micro = t.global_batch_size // t.grad_accum
+    accumulation = microbatches_per_step(cfg)
+    if t.global_batch_size % accumulation:
+        raise ConfigError(
+            f"parallel.microbatches={accumulation} does not divide train.global_batch_size={t.global_batch_size}; "
+            f"use one of {_divisors(t.global_batch_size)}"
+        )
+    micro = t.global_batch_size // accumulation
     if micro % dp:
         raise ConfigError(
             f"a microbatch of {micro} samples (train.global_batch_size / train.grad_accum) cannot be split over "
-            f"{dp} data-parallel ranks; make train.global_batch_size a multiple of {dp * t.grad_accum}"
+            f"{dp} data-parallel ranks; make train.global_batch_size a multiple of {dp * accumulation}"
         )
     if t.loss_weights.contrastive > 0 and micro < 2:
         raise ConfigError(
             "the contrastive loss needs at least 2 samples per microbatch; "
-            "raise train.global_batch_size or lower train.grad_accum"
+            "raise train.global_batch_size or lower train.grad_accum (parallel.microbatches with a pipeline)"
         )
     # Image-text matching pairs sample i with sample i^1 of the same microbatch as its negative, which keeps the
     # pairs identical in every data-parallel layout as long as each rank's microbatch is even.
     if t.loss_weights.itm > 0 and (micro // dp) % 2:
         raise ConfigError(
             f"image-text matching needs an even microbatch per data-parallel rank, got {micro // dp}; "
-            f"make train.global_batch_size a multiple of {2 * dp * t.grad_accum}"
+            f"make train.global_batch_size a multiple of {2 * dp * accumulation}"
         )
 
 
@@ -115,14 +131,10 @@ def check_data(cfg: Config) -> None:
 def refuse_unavailable(cfg: Config) -> None:
     """Refuse values whose implementation has not landed yet, rather than silently ignoring them."""
     p = cfg.parallel
-    if p.pp != 1:
+    if p.microbatches != 1 and p.pp == 1:
         raise ConfigError(
-            f"parallel.pp={p.pp} is not available yet (pipeline parallelism comes next); set parallel.pp=1"
-        )
-    if p.microbatches != 1:
-        raise ConfigError(
-            f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1), which are not available "
-            "yet; use train.grad_accum to split a step into microbatches"
+            f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1); "
+            "use train.grad_accum to split a step into microbatches without one"
         )
     if cfg.engine != "native":
         raise ConfigError(f"engine={cfg.engine} is not available yet; set engine=native")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bigmodel.config.schema import Config, DataConfig
+from bigmodel.config.validate import microbatches_per_step
 from bigmodel.data.dataset import ImageTextDataset, PairSource
 from bigmodel.data.loader import EvalLoader, GlobalBatchLoader
 from bigmodel.data.shapes import ShapesSource
@@ -57,7 +58,7 @@ def build_train_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Globa
         dp_size=dp_size,
         seed=cfg.train.seed,
         num_workers=cfg.data.num_workers,
-        microbatches=cfg.train.grad_accum,
+        microbatches=microbatches_per_step(cfg),
     )
 
 

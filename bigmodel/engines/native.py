@@ -118,6 +118,7 @@ class NativeEngine(Engine):
         full = {}
         for name, param in self.model.named_parameters():
             grad = param.grad
+            assert grad is not None, name
             full[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
         return full
 
@@ -172,5 +173,9 @@ class NativeEngine(Engine):
 
 
 def build_engine(cfg: Config, ctx: ParallelContext) -> Engine:
-    """The engine named by cfg.engine (validation has already refused engines that are not available)."""
+    """The engine for cfg.engine and the layout (validation has already refused what is not available)."""
+    if ctx.dims.pp > 1:
+        from bigmodel.engines.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, ctx)
     return NativeEngine(cfg, ctx)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import LossWeights
-from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad
+from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad, upcast
 
 __all__ = ["active_objectives", "contrastive_loss", "gather_with_grad", "masked_lm_loss", "total_loss"]
 
@@ -16,11 +16,6 @@ __all__ = ["active_objectives", "contrastive_loss", "gather_with_grad", "masked_
 def active_objectives(weights: LossWeights) -> tuple[str, ...]:
     """The objectives with a positive weight, in a fixed order; the model builds heads for these only."""
     return tuple(name for name in ("contrastive", "itm", "mlm") if getattr(weights, name) > 0)
-
-
-def upcast(logits: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits to fp32 for the softmax (as autocast would); fp32 and fp64 are left as they are."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -13,6 +13,11 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 to fp32 for logits and softmax (as autocast would); fp32 and fp64 are left as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate `x` (B, ...) from every rank of `group` in rank order -> (B * world, ...).
 
@@ -31,12 +36,13 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """Mean of the image->text and text->image cross-entropies over this rank's rows.
 
-    image_embeds, text_embeds: (B, E), unit-norm; row i of each is a matching pair. logit_scale: () inverse
-    temperature. Without `group` every other caption (image) of the batch is a negative. With `group` (the
-    data-parallel ranks, each holding B rows of the global batch in rank order) the negatives are the whole global
-    batch; the mean over ranks of the returned values equals the global-batch loss, and so do the averaged
-    gradients.
+    image_embeds, text_embeds: (B, E), unit-norm; row i of each is a matching pair. logit_scale: the inverse
+    temperature, (1,) or the same value per row (B, 1). Without `group` every other caption (image) of the batch is
+    a negative. With `group` (the data-parallel ranks, each holding B rows of the global batch in rank order) the
+    negatives are the whole global batch; the mean over ranks of the returned values equals the global-batch loss,
+    and so do the averaged gradients.
     """
+    image_embeds, text_embeds, logit_scale = upcast(image_embeds), upcast(text_embeds), upcast(logit_scale)
     if group is None or dist.get_world_size(group) == 1:
         all_images, all_texts, offset = image_embeds, text_embeds, 0
     else:

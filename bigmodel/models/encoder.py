@@ -44,13 +44,15 @@ class VisionTower(nn.Module):
         )
         self.post_norm = nn.LayerNorm(width, eps=cfg.norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, C, H, W) -> tokens (B, 1 + N, Dv); token 0 is the class token."""
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> the blocks' input tokens (B, 1 + N, Dv); token 0 is the class token."""
         patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, N, Dv)
         cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)  # (B, 1, Dv)
-        x = torch.cat([cls, patches], dim=1) + self.position_embedding
-        x = self.blocks(self.pre_norm(x))
-        return self.post_norm(x)
+        return self.pre_norm(torch.cat([cls, patches], dim=1) + self.position_embedding)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> tokens (B, 1 + N, Dv), normalised; token 0 is the class token."""
+        return self.post_norm(self.blocks(self.embed(pixel_values)))
 
 
 class TextTower(nn.Module):
@@ -66,11 +68,17 @@ class TextTower(nn.Module):
         )
         self.final_norm = nn.LayerNorm(cfg.text_width, eps=cfg.norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) -> the blocks' input tokens (B, L, Dt)."""
+        return self.token_embedding(input_ids) + self.position_embedding[: input_ids.shape[1]]
+
+    def run_blocks(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The blocks this module holds, on tokens x (B, L, Dt) with the 0/1 token mask (B, L)."""
+        return self.blocks(x, mask=padding_mask(attention_mask, self.causal))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask (B, L) -> tokens (B, L, Dt)."""
-        x = self.token_embedding(input_ids) + self.position_embedding[: input_ids.shape[1]]
-        x = self.blocks(x, mask=padding_mask(attention_mask, self.causal))
-        return self.final_norm(x)
+        """input_ids, attention_mask (B, L) -> tokens (B, L, Dt), normalised."""
+        return self.final_norm(self.run_blocks(self.embed(input_ids), attention_mask))
 
 
 class Fusion(nn.Module):
@@ -96,17 +104,33 @@ class Fusion(nn.Module):
         )
         self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
 
-    def forward(self, text: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """text (B, L, Dt), attention_mask (B, L), image (B, N, Dv) -> fused text (B, L, Dt)."""
+    def enter(self, text: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fusion blocks' inputs for R rows, each a caption with the image of its sample.
+
+        text (R, L, Dt) and attention_mask (R, L) per row; image (B, N, Dv) with R a multiple of B, row r using image
+        r % B. Returns fused (R, S, Dt), fused_mask (R, S) and, for cross fusion, context (B, N, Dt): the image
+        tokens projected to the fusion width (cross-attention repeats them over the R rows).
+        """
         image = self.image_proj(image)  # (B, N, Dt)
         if self.kind == "cross":
-            x = self.blocks(text, mask=padding_mask(attention_mask, causal=False), context=image)
-            return self.norm(x)
-        length = text.shape[1]
+            return {"fused": text, "fused_mask": attention_mask.to(text.dtype), "context": image}
+        copies = text.shape[0] // image.shape[0]
+        image = image.repeat(copies, 1, 1)  # (R, N, Dt)
         x = torch.cat([text + self.modality_embedding[0], image + self.modality_embedding[1]], dim=1)
-        image_keys = attention_mask.new_ones(image.shape[:2])
-        x = self.blocks(x, mask=padding_mask(torch.cat([attention_mask, image_keys], dim=1), causal=False))
-        return self.norm(x[:, :length])
+        mask = torch.cat([attention_mask, attention_mask.new_ones(image.shape[:2])], dim=1)
+        return {"fused": x, "fused_mask": mask.to(x.dtype)}
+
+    def run_blocks(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The blocks this module holds, on the fused rows of `state` (see `enter`)."""
+        x, mask = state["fused"], padding_mask(state["fused_mask"], causal=False)
+        if self.kind == "cross":
+            copies = x.shape[0] // state["context"].shape[0]
+            return self.blocks(x, mask=mask, context=state["context"].repeat(copies, 1, 1))
+        return self.blocks(x, mask=mask)
+
+    def exit(self, fused: torch.Tensor, text_length: int) -> torch.Tensor:
+        """Normalised fused text tokens (R, L, Dt) (merged fusion drops the image positions)."""
+        return self.norm(fused[:, :text_length])
 
 
 class ContrastiveHead(nn.Module):
@@ -124,7 +148,11 @@ class ContrastiveHead(nn.Module):
         image = nn.functional.normalize(self.visual_projection(image_pooled), dim=-1)  # (B, E)
         text = nn.functional.normalize(self.text_projection(text_pooled), dim=-1)  # (B, E)
         scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()
-        return {"image_embeds": image, "text_embeds": text, "logit_scale": scale}
+        # One copy of the scale per row, reached through the batch (a zero-weighted term): zero-bubble pipeline
+        # schedules compute weight gradients only along paths that touch the stage's inputs (torch 2.13), and a
+        # parameter used on its own would silently get none.
+        per_row = image[:, :1].mul(0) + scale  # (B, 1)
+        return {"image_embeds": image, "text_embeds": text, "logit_scale": per_row}
 
 
 class MaskedLMHead(nn.Module):
@@ -178,6 +206,9 @@ class MultimodalEncoder(nn.Module):
             self.itm_head = nn.Linear(cfg.text_width, 2)
         if "mlm" in self.objectives:
             self.mlm_head = MaskedLMHead(cfg)
+        self.mlm_every_position = False
+        """Predict every caption position (B, L, V) instead of the masked ones (M, V): a shape that does not depend
+        on the data, which pipeline stages need; the loss then selects the masked positions."""
 
     def block_stacks(self) -> list[nn.Module]:
         """Every BlockStack of the model, in forward order."""
@@ -194,48 +225,116 @@ class MultimodalEncoder(nn.Module):
     @staticmethod
     def pool_text(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last real token of each caption (its end-of-text token, as in CLIP): (B, L, D) -> (B, D)."""
-        last = attention_mask.sum(dim=1) - 1
+        # The clamp changes nothing for real masks; pipeline schedules also run stages on made-up activations to
+        # infer shapes, and their masks must not index out of bounds.
+        last = (attention_mask.sum(dim=1).long() - 1).clamp(0, tokens.shape[1] - 1)
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+
+    # The forward is a chain of parts that pass a dict of tensors (the "state") along; a pipeline stage runs a
+    # contiguous piece of the chain (bigmodel.parallel.pipeline):
+    #   embed -> vision blocks -> text blocks -> join -> fusion blocks -> heads
+    # Captions go through the text tower together (the plain caption for contrastive / ITM, the masked one for MLM),
+    # and every fused row (ITM true pairs, ITM negatives, MLM) goes through the fusion blocks together.
+
+    @property
+    def encodes_plain_text(self) -> bool:
+        return "contrastive" in self.objectives or "itm" in self.objectives
+
+    @property
+    def fuses(self) -> bool:
+        return hasattr(self, "fusion")
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embeddings of the image and of every caption copy, plus the masks the later parts need.
+
+        State: image (B, 1 + N, Dv), text (T*B, L, Dt) for T caption copies, mask (B, L); same (B,) when ITM is on
+        (1.0 where the pair neighbour's caption is identical); selected (B, L) when MLM is on. Masks are float so
+        that every state entry can travel between pipeline stages.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        captions = [ids] if self.encodes_plain_text else []
+        if "mlm" in self.objectives:
+            captions.append(batch["mlm_input_ids"])
+        state = {
+            "image": self.vision.embed(batch["pixel_values"]),
+            "text": self.text.embed(torch.cat(captions)),
+            "mask": mask.float(),
+        }
+        if "itm" in self.objectives:
+            partner = itm_partner(ids.shape[0], ids.device)
+            state["same"] = (ids == ids[partner]).all(dim=1).float()
+        if "mlm" in self.objectives:
+            state["selected"] = (batch["mlm_labels"] != -100).float()
+        return state
+
+    def run_vision_blocks(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The image tower blocks this module holds."""
+        return state | {"image": self.vision.blocks(state["image"])}
+
+    def run_text_blocks(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The text tower blocks this module holds, on every caption copy."""
+        copies = state["text"].shape[0] // state["mask"].shape[0]
+        return state | {"text": self.text.run_blocks(state["text"], state["mask"].repeat(copies, 1))}
+
+    def join(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """End both towers: contrastive embeddings, and the fusion inputs (rows: ITM true pairs, ITM pairs with the
+        neighbour's caption, MLM), carrying the masks the heads need."""
+        image = self.vision.post_norm(state["image"])  # (B, 1 + N, Dv)
+        text = self.text.final_norm(state["text"])  # (T*B, L, Dt)
+        mask = state["mask"]
+        b = mask.shape[0]
+        out = {k: state[k] for k in ("mask", "same", "selected") if k in state}
+        if "contrastive" in self.objectives:
+            out.update(self.contrastive(image[:, 0], self.pool_text(text[:b], mask)))
+        if self.fuses:
+            rows, row_masks = [], []
+            if "itm" in self.objectives:
+                partner = itm_partner(b, mask.device)
+                rows += [text[:b], text[:b][partner]]
+                row_masks += [mask, mask[partner]]
+            if "mlm" in self.objectives:
+                rows.append(text[-b:])
+                row_masks.append(mask)
+            out.update(self.fusion.enter(torch.cat(rows), torch.cat(row_masks), image))
+        return out
+
+    def run_fusion_blocks(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The fusion blocks this module holds."""
+        return state | {"fused": self.fusion.run_blocks(state)}
+
+    def heads(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The objectives' outputs (see forward) from the joined or fused state."""
+        out = {k: state[k] for k in ("image_embeds", "text_embeds", "logit_scale") if k in state}
+        if not self.fuses:
+            return out
+        b, length = state["mask"].shape
+        fused = self.fusion.exit(state["fused"], length)  # (R, L, Dt)
+        if "itm" in self.objectives:
+            out["itm_logits"] = self.itm_head(fused[: 2 * b, 0])  # (2B, 2), read at the begin-of-text token
+            # A neighbour whose caption is identical is a true match, not a negative.
+            same = state["same"] > 0.5  # a 0/1 float mask (it may travel between pipeline stages)
+            out["itm_labels"] = torch.cat([torch.ones_like(same), same]).long()
+        if "mlm" in self.objectives:
+            if self.mlm_every_position:
+                out["mlm_logits"] = self.mlm_head(fused[-b:])  # (B, L, V)
+            else:
+                out["mlm_logits"] = self.mlm_head(fused[-b:][state["selected"].bool()])  # (M, V)
+        return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the towers, fusion and heads on a batch (keys as produced by `bigmodel.data`).
 
-        Returns, per objective: contrastive -> image_embeds, text_embeds (B, E) unit-norm and logit_scale (1,);
+        Returns, per objective: contrastive -> image_embeds, text_embeds (B, E) unit-norm and logit_scale (B, 1)
+        (one value, repeated per row);
         itm -> itm_logits (2B, 2) and itm_labels (2B,) for the B true pairs then the B pairs with a neighbour's
         caption; mlm -> mlm_logits (M, V) and mlm_labels (M,) for the M masked positions.
         """
-        image = self.vision(batch["pixel_values"])  # (B, 1 + N, Dv)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        out: dict[str, torch.Tensor] = {}
-        needs_text = "contrastive" in self.objectives or "itm" in self.objectives
-        text = self.text(ids, mask) if needs_text else None  # (B, L, Dt)
-        if "contrastive" in self.objectives:
-            out.update(self.contrastive(image[:, 0], self.pool_text(text, mask)))
-        if "itm" in self.objectives:
-            out.update(self.image_text_matching(image, text, ids, mask))
+        state = self.run_text_blocks(self.run_vision_blocks(self.embed(batch)))
+        state = self.join(state)
+        if self.fuses:
+            state = self.run_fusion_blocks(state)
+        out = self.heads(state)
         if "mlm" in self.objectives:
-            out.update(self.masked_lm(image, batch))
+            labels = batch["mlm_labels"]
+            out["mlm_labels"] = labels[labels != -100]
         return out
-
-    def image_text_matching(
-        self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Fuse each image with its caption and with its pair neighbour's caption; classify match / no match."""
-        partner = itm_partner(ids.shape[0], ids.device)
-        both_text = torch.cat([text, text[partner]])  # (2B, L, Dt)
-        both_mask = torch.cat([mask, mask[partner]])
-        fused = self.fusion(both_text, both_mask, torch.cat([image, image]))  # (2B, L, Dt)
-        logits = self.itm_head(fused[:, 0])  # (2B, 2), read at the first (begin-of-text) token
-        # A neighbour whose caption is identical is a true match, not a negative.
-        same = (ids == ids[partner]).all(dim=1)
-        labels = torch.cat([torch.ones_like(same), same]).long()
-        return {"itm_logits": logits, "itm_labels": labels}
-
-    def masked_lm(self, image: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Encode the masked caption, fuse it with its image and predict the masked tokens."""
-        mask = batch["attention_mask"]
-        text = self.text(batch["mlm_input_ids"], mask)
-        fused = self.fusion(text, mask, image)  # (B, L, Dt)
-        labels = batch["mlm_labels"]
-        selected = labels != -100
-        return {"mlm_logits": self.mlm_head(fused[selected]), "mlm_labels": labels[selected]}

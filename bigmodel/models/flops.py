@@ -64,15 +64,15 @@ def _text_forward(cfg: ModelConfig, tokens: int) -> int:
     return cfg.text_layers * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
 
 
-def _fusion_forward(cfg: ModelConfig, text_tokens: int) -> int:
-    """Fusing one caption with one image."""
+def _fusion_forward(cfg: ModelConfig, text_tokens: int, rows: int) -> int:
+    """Fusing `rows` captions with one sample's image: the image is projected once, the blocks run per row."""
     image_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
     image_proj = _linear(image_tokens, cfg.vision_width, cfg.text_width)
     if cfg.fusion == "merged":
         block = _block(text_tokens + image_tokens, cfg.text_width, cfg.text_mlp_dim)
     else:
         block = _block(text_tokens, cfg.text_width, cfg.text_mlp_dim, context=image_tokens)
-    return image_proj + cfg.fusion_layers * block
+    return image_proj + rows * cfg.fusion_layers * block
 
 
 def flops_per_sample(
@@ -91,11 +91,11 @@ def flops_per_sample(
         DEFAULT_MLM_PROBABILITY * text_tokens. A fractional expectation makes the counts fractional.
 
     What is counted follows the forward: the text tower runs once for contrastive and/or itm and once more on the
-    masked caption for mlm; fusion runs on 2 pairs per sample for itm (the true pair and the neighbour's caption)
-    and on 1 for mlm. A matmul (m, k) @ (k, n) costs 2 m n k; attention is counted dense, as the kernels compute it
-    (padding and causal masks save nothing). Not counted: elementwise ops, norms, softmax, embeddings lookups, the
-    loss (the B x B contrastive similarity adds 2 B embed_dim per sample), and the recomputation that activation
-    checkpointing adds in training.
+    masked caption for mlm; the fusion blocks run on 2 rows per sample for itm (the true pair and the neighbour's
+    caption) and on 1 for mlm, after projecting the sample's image tokens once. A matmul (m, k) @ (k, n) costs
+    2 m n k; attention is counted dense, as the kernels compute it (padding and causal masks save nothing).
+    Not counted: elementwise ops, norms, softmax, embeddings lookups, the loss (the B x B contrastive similarity
+    adds 2 B embed_dim per sample), and the recomputation that activation checkpointing adds in training.
     """
     _check_objectives(cfg, objectives)
     tokens = cfg.context_length if text_tokens is None else text_tokens
@@ -115,7 +115,7 @@ def flops_per_sample(
     flops = {
         "vision": _vision_forward(cfg),
         "text": text_runs * _text_forward(cfg, tokens),
-        "fusion": fusion_runs * _fusion_forward(cfg, tokens) if fusion_runs else 0,
+        "fusion": _fusion_forward(cfg, tokens, fusion_runs) if fusion_runs else 0,
         "heads": heads,
     }
     flops["forward"] = sum(flops.values())
@@ -130,3 +130,19 @@ def _check_objectives(cfg: ModelConfig, objectives: Collection[str]) -> None:
     fused = sorted(set(objectives) & {"itm", "mlm"})
     if fused and cfg.fusion == "none":
         raise ValueError(f"objectives {fused} need fused text, but model.fusion=none")
+
+
+def flops_per_block(cfg: ModelConfig, objectives: Collection[str], stack: str, text_tokens: int | None = None) -> float:
+    """Forward FLOPs per sample of one block of `stack` ("vision", "text" or "fusion"), as the forward runs it:
+    text blocks once per caption copy, fusion blocks once per fused row (the pipeline balances stages with this)."""
+    tokens = cfg.context_length if text_tokens is None else text_tokens
+    image_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    if stack == "vision":
+        return _block(image_tokens, cfg.vision_width, cfg.vision_mlp_dim)
+    if stack == "text":
+        copies = int("contrastive" in objectives or "itm" in objectives) + int("mlm" in objectives)
+        return copies * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
+    rows = 2 * int("itm" in objectives) + int("mlm" in objectives)
+    if cfg.fusion == "merged":
+        return rows * _block(tokens + image_tokens, cfg.text_width, cfg.text_mlp_dim)
+    return rows * _block(tokens, cfg.text_width, cfg.text_mlp_dim, context=image_tokens)

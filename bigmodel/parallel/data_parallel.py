@@ -193,10 +193,11 @@ class ZeroOptimizer:
         ]
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, pipeline_group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """Clip the synced gradients to a global L2 norm of `max_norm` (0: no clipping) and return the norm before
-        clipping; the same on every rank. A collective over the dp and tp groups."""
-        return clip_grad_norm_(self.grad_pieces(), max_norm)
+        clipping; the same on every rank. A collective over the dp and tp groups (and `pipeline_group`, whose other
+        stages hold the rest of the model)."""
+        return clip_grad_norm_(self.grad_pieces(), max_norm, pipeline_group)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -73,6 +73,13 @@ class ParallelDims:
             )
         if self.dp_replicate > 1 and self.zero_stage == 3 and self.dp_shard == 1:
             raise ConfigError("HSDP needs parallel.dp_shard > 1; with dp_shard=1 use zero_stage 0 for plain replicas")
+        if self.pp > 1:
+            # Imported here: the pipeline module imports the model, which plain layout checks do not need.
+            from bigmodel.losses import active_objectives
+            from bigmodel.parallel.pipeline import check_schedule, plan_stages
+
+            check_schedule(cfg)
+            plan_stages(cfg, active_objectives(cfg.train.loss_weights))
         if self.zero_stage > 0 and self.dp == 1:
             raise ConfigError(
                 f"parallel.zero_stage={self.zero_stage} shards over data-parallel ranks, but there is only one; "
@@ -88,7 +95,7 @@ class ParallelDims:
             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
         )
         fsdp = world["dp_replicate", "dp_shard"]
-        return Meshes(world=world, dp=fsdp._flatten("dp"), fsdp=fsdp, tp=world["tp"])
+        return Meshes(world=world, dp=fsdp._flatten("dp"), fsdp=fsdp, tp=world["tp"], pp=world["pp"])
 
 
 @dataclass(frozen=True)
@@ -102,3 +109,5 @@ class Meshes:
     """(dp_replicate, dp_shard): the 2-D mesh FSDP2 shards over (HSDP when dp_replicate > 1)."""
     tp: DeviceMesh
     """Tensor-parallel ranks: they hold shards of the same layers and see the same samples."""
+    pp: DeviceMesh
+    """Pipeline ranks: each holds different stages of the model; they see the same samples."""

@@ -80,15 +80,23 @@ def total_grad_norm(grads: Iterable[torch.Tensor | GradPiece]) -> torch.Tensor:
     return total.sqrt().float()
 
 
-def clip_grad_norm_(grads: Iterable[torch.Tensor | GradPiece], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(
+    grads: Iterable[torch.Tensor | GradPiece], max_norm: float, pipeline_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Scale `grads` in place by min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does, and
     return the global norm before clipping. `max_norm` <= 0 disables clipping (only the norm is computed).
 
     `grads` may mix plain tensors, DTensors and GradPieces (see the module docstring); a collective like
-    `total_grad_norm`.
+    `total_grad_norm`. With `pipeline_group`, `grads` are this pipeline stage's and the norm covers every stage:
+    the stages' squared norms are summed in one all-reduce (stages hold different kinds of gradients, so their
+    per-group reductions would not line up if done together).
     """
     pieces = [as_grad_piece(g) for g in grads]
     norm = total_grad_norm(pieces)
+    if pipeline_group is not None and dist.get_world_size(pipeline_group) > 1:
+        squared = norm.double() ** 2
+        dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=pipeline_group)
+        norm = squared.sqrt().float()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for piece in pieces:

@@ -26,6 +26,11 @@ def build_parallel_model(cfg: Config, ctx: ParallelContext, objectives: Collecti
     """
     with torch.device("meta"):
         model = MultimodalEncoder(cfg.model, objectives)
+    return parallelize_module_parts(model, cfg, ctx)
+
+
+def parallelize_module_parts(model: MultimodalEncoder, cfg: Config, ctx: ParallelContext) -> MultimodalEncoder:
+    """Lay out `model` (the whole encoder or one pipeline stage of it, on the meta device) in place and return it."""
     dims = ctx.dims
     if dims.tp > 1:
         apply_tensor_parallel(model, ctx.meshes.tp, sequence_parallel=dims.sp)

@@ -58,7 +58,8 @@ def apply_tensor_parallel(model: MultimodalEncoder, tp_mesh: DeviceMesh, sequenc
     """
     for stack in model.block_stacks():
         apply_block_stack(stack, tp_mesh, sequence_parallel)
-    apply_vocab_parallel_embedding(model.text, tp_mesh)
+    if hasattr(model.text, "token_embedding"):  # a pipeline stage other than the first has none
+        apply_vocab_parallel_embedding(model.text, tp_mesh)
     if hasattr(model, "mlm_head"):
         apply_vocab_parallel_decoder(model.mlm_head, tp_mesh)
 

@@ -21,18 +21,22 @@ from pathlib import Path
 import torch
 
 from bigmodel.config import Config, ConfigError, load_config
+from bigmodel.config.validate import microbatches_per_step
 from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
 from bigmodel.parallel.dims import ParallelDims
 
-_TOKEN = re.compile(r"(dp|tp|pp|zero|hsdp|sp)(\d*)")
+_TOKEN = re.compile(r"(dp|tp|pp|zero|hsdp|sp|mb|gpipe|1f1b|interleaved|zb)(\d*)")
+_SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zb": "zero_bubble"}
+DEFAULT_PIPELINE_MICROBATCHES = 4
 
 
 def parse_layout(text: str) -> dict[str, object]:
     """Config overrides for a layout name such as dp2, tp2+sp, zero3x4, dp2xtp2xzero3 or hsdp2x2.
 
     Parts joined by "x" or "+": dpN (N data-parallel ranks), tpN, ppN, sp (sequence parallel), zeroS (ZeRO stage
-    S; "zeroSxN" is shorthand for zeroS with N data-parallel ranks), hsdpRxS (R replicas of S-way ZeRO-3 shards).
+    S; "zeroSxN" is shorthand for zeroS with N data-parallel ranks), hsdpRxS (R replicas of S-way ZeRO-3 shards),
+    and for pipelines mbK (K microbatches; default 4) and a schedule: gpipe, 1f1b, interleaved, zb (zero bubble).
     """
     parts = [p for p in re.split(r"[x+]", text.strip().lower()) if p]
     overrides: dict[str, object] = {}
@@ -47,6 +51,8 @@ def parse_layout(text: str) -> dict[str, object]:
         following = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else None
         if kind == "sp":
             overrides["parallel.sp"] = True
+        elif kind in _SCHEDULES:
+            overrides["parallel.pp_schedule"] = _SCHEDULES[kind]
         elif not number:
             raise ConfigError(f"layout {text!r}: {kind} needs a number, e.g. {kind}2")
         elif kind == "zero":
@@ -61,9 +67,11 @@ def parse_layout(text: str) -> dict[str, object]:
             overrides["parallel.zero_stage"] = 3
             i += 1
         else:
-            key = {"dp": "parallel.dp_shard", "tp": "parallel.tp", "pp": "parallel.pp"}[kind]
-            overrides[key] = int(number)
+            key = {"dp": "parallel.dp_shard", "tp": "parallel.tp", "pp": "parallel.pp", "mb": "parallel.microbatches"}
+            overrides[key[kind]] = int(number)
         i += 1
+    if overrides.get("parallel.pp", 1) > 1:
+        overrides.setdefault("parallel.microbatches", DEFAULT_PIPELINE_MICROBATCHES)
     return overrides
 
 
@@ -111,9 +119,15 @@ class Comparison:
     """Largest |grad - reference| over all elements, relative to the largest reference |grad| of the model."""
     worst_tensor: str
     missing: list[str]
+    """Tensors that have a gradient in only one of the two runs."""
+    zeroed: list[str]
+    """Tensors whose gradient is exactly zero in the layout but not in the reference (a stage whose backward never
+    ran, or ran on inputs that did not require grad)."""
 
     def passed(self, loss_rtol: float, grad_rtol: float) -> bool:
-        return not self.missing and self.max_loss_rel <= loss_rtol and self.max_grad_rel <= grad_rtol
+        return (
+            not self.missing and not self.zeroed and self.max_loss_rel <= loss_rtol and self.max_grad_rel <= grad_rtol
+        )
 
 
 def compare(layout: str, reference: Trace, trace: Trace) -> Comparison:
@@ -130,7 +144,12 @@ def compare(layout: str, reference: Trace, trace: Trace) -> Comparison:
             deviation = (trace.grads[name].float() - ref.float()).abs().max().item() / scale
             if deviation >= worst:
                 worst, worst_name = deviation, name
-    return Comparison(layout, rel, worst, worst_name, missing)
+    zeroed = sorted(
+        name
+        for name, ref in reference.grads.items()
+        if name in trace.grads and not trace.grads[name].any() and ref.any()
+    )
+    return Comparison(layout, rel, worst, worst_name, missing, zeroed)
 
 
 # fp32 (24-bit mantissa, 6e-8 relative rounding): the layouts differ from the reference only in summation order
@@ -181,13 +200,20 @@ def verify(
     loss_rtol = default_loss if loss_rtol is None else loss_rtol
     grad_rtol = default_grad if grad_rtol is None else grad_rtol
     by_world: dict[int, list[str]] = {}
+    accumulation: dict[str, int] = {}
     for layout in layouts:
         cfg = load_config(config, [*overrides, *layout_overrides(layout)])
         world = layout_world_size(cfg)
         ParallelDims.from_config(cfg).validate(world, cfg)
         by_world.setdefault(world, []).append(layout)
+        accumulation[layout] = microbatches_per_step(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    reference = run_trace(base, setup_parallel(base), steps)
+    # A pipeline's reference accumulates gradients over the same microbatches on one process.
+    references = {}
+    for count in sorted(set(accumulation.values()) | {base.train.grad_accum}):
+        ref_cfg = load_config(config, [*overrides, f"--train.grad_accum={count}"])
+        references[count] = run_trace(ref_cfg, setup_parallel(ref_cfg), steps)
+    reference = references[base.train.grad_accum]
     for world, group in sorted(by_world.items()):
         args = ["--config", config, "--layouts", ",".join(group), "--steps", str(steps), "--out", str(workdir)]
         cmd = torchrun_command(TorchrunSpec(world), [*args, *overrides], module="bigmodel.parallel.verify")
@@ -199,7 +225,7 @@ def verify(
     for layout in layouts:
         saved = torch.load(workdir / f"{layout}.pt")
         traces[layout] = Trace(saved["losses"], saved["grads"])
-    comparisons = [compare(layout, reference, trace) for layout, trace in traces.items()]
+    comparisons = [compare(layout, references[accumulation[layout]], trace) for layout, trace in traces.items()]
     return VerifyReport(reference, traces, comparisons, loss_rtol, grad_rtol)
 
 
@@ -215,7 +241,7 @@ def format_table(comparisons: list[Comparison], loss_rtol: float, grad_rtol: flo
     rows = [f"{'layout':<16} {'max loss rel dev':>17} {'max grad rel dev':>17}  result  (worst gradient)"]
     for c in comparisons:
         verdict = "ok" if c.passed(loss_rtol, grad_rtol) else "FAIL"
-        detail = f"missing {c.missing[:3]}" if c.missing else c.worst_tensor
+        detail = f"missing {c.missing[:3]}" if c.missing else f"zero {c.zeroed[:3]}" if c.zeroed else c.worst_tensor
         rows.append(f"{c.layout:<16} {c.max_loss_rel:>17.3e} {c.max_grad_rel:>17.3e}  {verdict:<6}  {detail}")
     rows.append(f"tolerances: loss {loss_rtol:g} relative, gradients {grad_rtol:g} relative to the largest gradient")
     return "\n".join(rows)

@@ -56,13 +56,20 @@ def evaluate(engine: Engine, batches: Iterable[dict[str, torch.Tensor]]) -> dict
 
 
 def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
-    """Load the model weights of `checkpoint` into a model built from `cfg` and evaluate on the held-out split."""
+    """Load the model weights of `checkpoint` into a model built from `cfg` and evaluate on the held-out split.
+
+    Runs in this one process whatever layout trained the checkpoint: it holds the whole model's weights.
+    """
+    import dataclasses
+
     from bigmodel.checkpoint.simple import load_model_weights
+    from bigmodel.config.schema import ParallelConfig
     from bigmodel.data import build_eval_loader
     from bigmodel.engines import build_engine
     from bigmodel.parallel.context import setup_parallel
     from bigmodel.train.runtime import configure_threads
 
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
     ctx = setup_parallel(cfg)
     configure_threads(cfg.train.threads, ctx.env.local_world_size)
     eval_loader = build_eval_loader(cfg, cfg.train.eval_batch_size)

@@ -24,6 +24,7 @@ from bigmodel.engines import Engine, build_engine
 from bigmodel.losses import active_objectives
 from bigmodel.models.flops import flops_per_sample
 from bigmodel.parallel.context import ParallelContext, setup_parallel
+from bigmodel.parallel.timeline import write_timeline
 from bigmodel.train.evaluate import evaluate
 from bigmodel.train.metrics import MetricsLogger, NullLogger, measure_matmul_peak
 from bigmodel.train.runtime import configure_threads, seed_everything, set_deterministic
@@ -102,6 +103,19 @@ class Trainer:
             path = save_checkpoint(path.parent, step, state, extra, manifest, self.cfg.checkpoint.keep)
         return path
 
+    def write_timeline(self) -> None:
+        """Gather the pipeline timeline just recorded and, on the main rank, draw it and report the bubble."""
+        self.engine.timeline.recording = False
+        per_rank = self.engine.gather_timeline()
+        if self.ctx.is_main:
+            p = self.cfg.parallel
+            bubble = write_timeline(per_rank, p.pp_schedule, p.microbatches, self.run_dir)
+            print(
+                f"pipeline timeline: {self.run_dir / 'timeline.png'}; idle fraction {bubble['measured_bubble']:.3f} "
+                f"(theory (p-1)/(m+p-1) = {bubble['theoretical_bubble']:.3f})",
+                file=sys.stderr,
+            )
+
     def log_memory(self) -> None:
         """Per-rank bytes of parameters, gradients and optimizer state, gathered to memory.json by the main rank."""
         per_rank = gather_to_main(self.engine.memory, self.ctx)
@@ -140,7 +154,12 @@ class Trainer:
         show = self.cfg.log.progress and self.ctx.is_main
         bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not show, dynamic_ncols=True, mininterval=1.0)
         for step in bar:
+            timeline = step == self.cfg.log.pp_timeline_step and hasattr(self.engine, "timeline")
+            if timeline:
+                self.engine.timeline.recording = True
             stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
+            if timeline:
+                self.write_timeline()
             if step == 1:
                 self.log_memory()
             if not math.isfinite(stats.loss):

@@ -26,19 +26,10 @@ STEPS = 10
 # more than 1e-6 of the largest gradient.
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-6
 
+TWO_PROCESSES = ["dp2", "zero1x2", "zero2x2", "tp2", "tp2+sp"]
+FOUR_PROCESSES = ["zero3x4", "tp4", "hsdp2x2", "dp2xtp2xzero3", "dp2xtp2", "dp2xtp2xzero1", "dp2xtp2+spxzero2"]
 SUITES = {
-    "cross": [
-        *("dp2", "zero1x2", "zero2x2", "tp2", "tp2+sp"),  # 2 processes
-        *(
-            "zero3x4",
-            "tp4",
-            "hsdp2x2",
-            "dp2xtp2xzero3",
-            "dp2xtp2",
-            "dp2xtp2xzero1",
-            "dp2xtp2+spxzero2",
-        ),  # one 4-process
-    ],
+    "cross": TWO_PROCESSES + FOUR_PROCESSES,
     "merged": ["zero2x2", "tp2+sp", "dp2xtp2xzero3"],
     "none": ["dp2", "tp2", "zero3x4"],
 }

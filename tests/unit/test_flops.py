@@ -68,7 +68,9 @@ def measured_flops_per_sample(cfg: ModelConfig, objectives: tuple[str, ...]) -> 
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     measured = {"forward": per_module["MultimodalEncoder"]}
     for part in ("vision", "text", "fusion"):
-        measured[part] = per_module.get(f"MultimodalEncoder.{part}", 0)
+        # The encoder calls each tower's pieces (embedding, blocks) directly, so sum the part's direct children.
+        prefix = f"MultimodalEncoder.{part}."
+        measured[part] = sum(n for name, n in per_module.items() if name.startswith(prefix) and name.count(".") == 2)
     head_names = ("contrastive", "itm_head", "mlm_head")
     measured["heads"] = sum(per_module.get(f"MultimodalEncoder.{name}", 0) for name in head_names)
     return {name: count // BATCH for name, count in measured.items()}
