@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -75,8 +76,19 @@ class NativeEngine(Engine):
             for name, value in {"loss": loss.detach(), **parts}.items():
                 value = value.full_tensor() if isinstance(value, DTensor) else value
                 sums[name] = sums.get(name, 0.0) + value.float()
+        means = self.mean_over_data_parallel(sums, len(microbatches))
+        return self.optimizer_step(means, capture_grads)
+
+    def model_parts(self) -> list[nn.Module]:
+        """The modules this rank trains (one here; a pipeline rank may hold several stages)."""
+        return [self.model]
+
+    def optimizer_step(self, losses: dict[str, float], capture_grads: bool) -> StepStats:
+        """After the last backward of a step: finish the gradient reduction, optionally capture the gradients,
+        clip, step the optimizer and the schedule, and report the step with `losses` ({"loss": ..., parts})."""
         if self.ctx.dims.tp > 1 and self.ctx.dims.zero_stage < 3:  # FSDP reduces its own gradients
-            align_gradients(self.model)
+            for module in self.model_parts():
+                align_gradients(module)
         if self.zero is not None:
             self.zero.sync_gradients()
         grads = self.full_gradients() if capture_grads else {}
@@ -88,10 +100,10 @@ class NativeEngine(Engine):
             self.memory = self.model_state_bytes() | {"grads": grad_bytes}
         self.scheduler.step()
         self.zero_grad()
-        means = self.mean_over_data_parallel(sums, len(microbatches))
+        losses = dict(losses)
         return StepStats(
-            loss=means.pop("loss"),
-            parts=means,
+            loss=losses.pop("loss"),
+            parts=losses,
             grad_norm=grad_norm.item(),
             lr=lr,
             logit_scale=self.logit_scale(),

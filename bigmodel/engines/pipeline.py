@@ -29,7 +29,7 @@ from bigmodel.parallel.data_parallel import ZeroOptimizer
 from bigmodel.parallel.grad_norm import clip_grad_norm_
 from bigmodel.parallel.parallelize import parallelize_module_parts
 from bigmodel.parallel.pipeline import INPUT_KEYS, PipelineStageModel, plan_stages, stages_per_rank
-from bigmodel.parallel.tensor_parallel import align_gradients, loss_context
+from bigmodel.parallel.tensor_parallel import loss_context
 from bigmodel.train.optim import build_optimizer, build_scheduler
 
 SCHEDULES = {
@@ -163,29 +163,10 @@ class PipelineEngine(NativeEngine):
         self.model.train()
         self._parts = []
         self.run_schedule(microbatches[0], train=True)
-        if self.ctx.dims.tp > 1 and self.ctx.dims.zero_stage < 3:
-            for module in self.stage_modules:
-                align_gradients(module)
-        if self.zero is not None:
-            self.zero.sync_gradients()
-        grads = self.gather_full_gradients() if capture_grads else {}
-        grad_norm = self.clip_gradients()
-        lr = self.optimizer.param_groups[0]["lr"]
-        grad_bytes = self.model_state_bytes()["grads"] if self.memory is None else 0
-        (self.zero or self.optimizer).step()
-        if self.memory is None:
-            self.memory = self.model_state_bytes() | {"grads": grad_bytes}
-        self.scheduler.step()
-        self.zero_grad()
-        means = self.reported_losses()
-        return StepStats(
-            loss=means.pop("loss"),
-            parts=means,
-            grad_norm=grad_norm.item(),
-            lr=lr,
-            logit_scale=self.logit_scale(),
-            grads=grads,
-        )
+        return self.optimizer_step(self.reported_losses(), capture_grads)
+
+    def model_parts(self) -> list[nn.Module]:
+        return list(self.stage_modules)
 
     def gather_timeline(self) -> list[list[dict[str, Any]]]:
         """The recorded timeline events of every pipeline rank, in pp-rank order (a collective over the pp group)."""
@@ -217,15 +198,9 @@ class PipelineEngine(NativeEngine):
             return self.zero.clip_grad_norm_(max_norm, self.pp_group)
         return clip_grad_norm_([p.grad for p in self.model.parameters() if p.grad is not None], max_norm, self.pp_group)
 
-    def zero_grad(self) -> None:
-        if self.zero is not None:
-            self.zero.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def gather_full_gradients(self) -> dict[str, torch.Tensor]:
+    def full_gradients(self) -> dict[str, torch.Tensor]:
         """Every parameter's whole gradient on every rank (a collective over all groups; for verification)."""
-        local = self.full_gradients()
+        local = super().full_gradients()
         gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size(self.pp_group))]
         dist.all_gather_object(gathered, {k: v.cpu() for k, v in local.items()}, group=self.pp_group)
         return {name: grad for part in gathered for name, grad in part.items()}
