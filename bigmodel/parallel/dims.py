@@ -62,6 +62,13 @@ class ParallelDims:
                         f"parallel.tp={self.tp} does not divide {name}={value}; choose a tp that divides it "
                         f"(or change {name})"
                     )
+        if self.tp > 1 and cfg.train.compile and cfg.train.compile_backend == "inductor":
+            # Measured with torch 2.13: per-block compile fails in backward with DTensor inputs, and whole-model
+            # inductor compile of this model fails in code generation ("mul expected 2 arguments, got 3").
+            raise ConfigError(
+                "train.compile with the inductor backend fails under tensor parallelism in torch 2.13; set "
+                "train.compile=false, or train.compile_backend=aot_eager, or parallel.tp=1"
+            )
         if self.sp and self.tp == 1:
             raise ConfigError(
                 "parallel.sp=true shards sequences across tensor-parallel ranks; it needs parallel.tp > 1"

@@ -69,6 +69,7 @@ BAD_OVERRIDES = [
         "multiple of 2",
     ),
     (["--parallel.tp=0"], "parallel.tp"),
+    (["--parallel.tp=2", "--train.compile=true"], "train.compile_backend=aot_eager"),
     (["--parallel.zero_stage=5"], "parallel.zero_stage"),
     (["--parallel.sp=true"], "parallel.sp"),
     (["--parallel.microbatches=4"], "parallel.microbatches"),
