@@ -52,8 +52,17 @@ def split_microbatches(batch: dict[str, torch.Tensor], count: int) -> list[dict[
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run directory and write the resolved config into it."""
+    """Create the run directory and write the resolved config into it.
+
+    An existing run there is kept: its metrics files are appended to (and it says so), its checkpoints stay.
+    """
     run_dir = Path(cfg.train.out_dir)
+    if (run_dir / "metrics.jsonl").exists():
+        print(
+            f"note: {run_dir} already holds a run; its metrics.jsonl and eval.jsonl are appended to "
+            "(set train.out_dir to start a separate run)",
+            file=sys.stderr,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
