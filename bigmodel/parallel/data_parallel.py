@@ -268,3 +268,72 @@ class ZeroOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` from the same rank of the same layout."""
         self.optimizer.load_state_dict(state)
+
+    @torch.no_grad()
+    def fqn_state_dict(self) -> dict[str, Any]:
+        """AdamW's state in the layout-independent form of torch's
+        `get_optimizer_state_dict(..., StateDictOptions(flatten_optimizer_state_dict=True))`:
+        `state.<name>.{step, exp_avg, exp_avg_sq}` and `param_groups.<name>.<hyper-parameter>` per parameter name.
+
+        exp_avg and exp_avg_sq have the parameter's shape: this rank's chunks are all-gathered over the dp group into
+        the parameter's local tensor, a DTensor with the parameter's mesh and placements when the parameter is one.
+        Before the first step the moments are zeros and step 0. A collective over the dp group (stages 1 and 2).
+        """
+        moments = {key: self._gathered_state(key) for key in ("exp_avg", "exp_avg_sq")}
+        flat: dict[str, Any] = {}
+        for slot in self.slots:
+            step = self.optimizer.state.get(slot.owned, {}).get("step", torch.tensor(0.0))
+            flat[f"state.{slot.name}.step"] = step.detach().clone()
+            for key, by_name in moments.items():
+                flat[f"state.{slot.name}.{key}"] = self._like_param(by_name[slot.name], slot.param)
+        for group, names in zip(self.optimizer.param_groups, self._group_names(), strict=True):
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            for name in names:
+                flat.update({f"param_groups.{name}.{k}": v for k, v in hyper.items()})
+        return flat
+
+    @torch.no_grad()
+    def load_fqn_state_dict(self, flat: dict[str, Any]) -> None:
+        """Restore `fqn_state_dict()`'s form, saved in any layout: each rank keeps its chunk of the moments."""
+        for slot in self.slots:
+            moments = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole = local_tensor(flat[f"state.{slot.name}.{key}"]).reshape(-1)
+                if whole.numel() != slot.numel:
+                    raise ValueError(
+                        f"optimizer state {key} of {slot.name} has {whole.numel()} local elements, the parameter "
+                        f"{slot.numel}: lay the state out like the parameters (fqn_state_dict of this engine)"
+                    )
+                moments[key] = whole[slot.start : slot.start + slot.owned.numel()].clone()
+            step = flat[f"state.{slot.name}.step"]
+            self.optimizer.state[slot.owned] = {"step": torch.as_tensor(step).detach().clone().float(), **moments}
+        for group, names in zip(self.optimizer.param_groups, self._group_names(), strict=True):
+            for key in group.keys() - {"params"}:
+                if names:  # hyper-parameters are per group: its first parameter's saved values stand for all
+                    group[key] = flat[f"param_groups.{names[0]}.{key}"]
+
+    def _group_names(self) -> list[list[str]]:
+        """The parameter names of each of AdamW's groups, in order."""
+        name_of = {id(slot.owned): slot.name for slot in self.slots}
+        return [[name_of[id(owned)] for owned in group["params"]] for group in self.optimizer.param_groups]
+
+    def _gathered_state(self, key: str) -> dict[str, torch.Tensor]:
+        """AdamW's `key` state of every parameter, whole over the dp group, in the shape of its local tensor."""
+        whole = {}
+        for bucket in self.buckets:
+            send = torch.zeros(bucket.size, dtype=self.slots[0].param.dtype, device=self.slots[0].param.device)
+            for slot in bucket.slots:
+                state = self.optimizer.state.get(slot.owned, {})
+                if key in state:
+                    send[slot.offset : slot.offset + slot.owned.numel()].copy_(state[key])
+            gathered = send.view(1, -1) if self.stage == 0 else self._all_gather(send)
+            for slot in bucket.slots:
+                whole[slot.name] = self._unchunk(gathered, slot).view_as(local_tensor(slot.param)).clone()
+        return whole
+
+    @staticmethod
+    def _like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """`local` as `param` is laid out: a DTensor over the same mesh and placements, or the plain tensor."""
+        if not isinstance(param, DTensor):
+            return local
+        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())

@@ -1,0 +1,163 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards of the model and the
+optimizer state, and a checkpoint loads into any parallel layout (DCP reshards on load).
+
+The saved state does not depend on the layout: parameters under the unsplit model's names (tensors, or DTensors
+whose global shape is the parameter's), AdamW's state per parameter name in the flattened form of
+`torch.distributed.checkpoint.state_dict` (`state.<name>.exp_avg`, `param_groups.<name>.lr`, ...; ZeroOptimizer
+converts its chunks to it), and the LR schedule. Layout of one checkpoint folder:
+  *.distcp, .metadata   DCP's shard files and index
+  manifest.json         step, the caller's JSON `extra`, the layout saved from, torch version, sha256 of every file
+A checkpoint is written to a temporary folder next to `path` and renamed to `path` once complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+if TYPE_CHECKING:
+    from bigmodel.engines.native import NativeEngine
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "bigmodel-sharded-1"
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def engine_state_dict(engine: NativeEngine) -> dict[str, Any]:
+    """`{"model": ..., "optim": ..., "scheduler": ...}` of `engine`, keyed by the unsplit model's names.
+
+    Tensors are this rank's shards (DTensors under tensor parallelism and FSDP) or whole tensors; they share storage
+    with the model where they can, so `dcp.load` into this dict loads in place. Every rank calls it (a collective for
+    ZeroOptimizer stages 1 and 2).
+    """
+    model: dict[str, Any] = {}
+    for module in engine.model_parts():
+        model.update(get_model_state_dict(module))
+    if engine.zero is not None:
+        optim = engine.zero.fqn_state_dict()
+    else:
+        optim = get_optimizer_state_dict(_single_part(engine), engine.optimizer, options=_OPTIM_OPTIONS)
+    return {"model": model, "optim": optim, "scheduler": engine.scheduler.state_dict()}
+
+
+def load_engine_state_dict(engine: NativeEngine, state: dict[str, Any]) -> None:
+    """Put `state` (engine_state_dict's form, filled by `dcp.load`) into the engine's model, optimizer and schedule."""
+    for module in engine.model_parts():
+        own = set(get_model_state_dict(module))
+        set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in own})
+    if engine.zero is not None:
+        engine.zero.load_fqn_state_dict(state["optim"])
+    else:
+        set_optimizer_state_dict(_single_part(engine), engine.optimizer, state["optim"], options=_OPTIM_OPTIONS)
+    engine.scheduler.load_state_dict(state["scheduler"])
+
+
+def _single_part(engine: NativeEngine) -> torch.nn.Module:
+    """The one module a plain optimizer covers; torch's optimizer state_dict helpers take a single module."""
+    parts = engine.model_parts()
+    if len(parts) != 1:
+        raise NotImplementedError(
+            "sharded checkpoints of a pipeline rank holding several stages need ZeRO 0-2 (parallel.dp > 1 with "
+            "parallel.zero_stage < 3); use a schedule with one stage per rank (gpipe, 1f1b)"
+        )
+    return parts[0]
+
+
+def save_sharded(path: str | Path, engine: NativeEngine, extra: dict[str, Any]) -> Path:
+    """Write `engine`'s state to the folder `path` (replacing one there) and return it. Every rank calls it.
+
+    `extra` (the step, data position, ...) must be JSON; it goes into manifest.json and `load_sharded` returns it.
+    The shards are written to `.tmp_<name>` beside `path`, which rank 0 renames to `path` after every rank is done.
+    """
+    path = Path(path)
+    manifest = {"format": FORMAT, "step": extra.get("step"), "extra": extra}
+    try:
+        json.dumps(manifest)
+    except TypeError as err:
+        raise TypeError(f"save_sharded: extra must be JSON ({err}); keep tensors in the engine state") from None
+    tmp = path.parent / f".tmp_{path.name}"
+    distributed = dist.is_initialized()
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if distributed:
+        dist.barrier()
+    dcp.save(engine_state_dict(engine), checkpoint_id=tmp)
+    if distributed:
+        dist.barrier()
+    if _is_main():
+        manifest |= {
+            "layout": asdict(engine.ctx.dims),
+            "world_size": engine.ctx.env.world_size,
+            "torch": torch.__version__,
+            "files": _checksums(tmp),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if distributed:
+        dist.barrier()
+    return path
+
+
+def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:
+    """Load the checkpoint at `path` into `engine`, whatever layout it was saved from, and return its `extra`.
+
+    Every rank calls it; it does not check the files' checksums (verify_manifest does).
+    """
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    state = engine_state_dict(engine)
+    dcp.load(state, checkpoint_id=path)
+    load_engine_state_dict(engine, state)
+    return manifest["extra"]
+
+
+def verify_manifest(path: str | Path) -> None:
+    """Raise ValueError naming the first file of the checkpoint at `path` that is missing, changed or unlisted."""
+    path = Path(path)
+    expected = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    for name, digest in expected.items():
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint {path}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise ValueError(f"checkpoint {path}: {name} does not match its sha256 in {MANIFEST_FILE}")
+    unlisted = sorted(set(_files(path)) - set(expected) - {MANIFEST_FILE})
+    if unlisted:
+        raise ValueError(f"checkpoint {path}: {unlisted[0]} is not listed in {MANIFEST_FILE}")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {name: _sha256(folder / name) for name in _files(folder)}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
