@@ -16,6 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval.jsonl and checkpoints/ into train.out_dir and prints held-out metrics before and after.",
     )
     add_config_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint in train.out_dir (auto) or from PATH "
+        "(same as --checkpoint.resume=...)",
+    )
     parser.set_defaults(func=run, takes_overrides=True)
 
 
@@ -24,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from bigmodel.parallel.env import exit_distributed
     from bigmodel.train.loop import TrainingDiverged, print_result, train
 
+    if args.resume:
+        args.overrides.append(f"--checkpoint.resume={args.resume}")
     cfg = config_from_args(args)
     ctx = setup_parallel(cfg)
     try:

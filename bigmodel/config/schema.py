@@ -205,6 +205,9 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    resume: str = ""
+    """Resume training: "auto" (the newest complete checkpoint in train.out_dir, or a fresh start if there is
+    none) or the path of a checkpoint or run directory; empty: start fresh. Also `bigmodel train --resume ...`."""
 
 
 @dataclass(config=SECTION_CONFIG)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -46,11 +45,3 @@ class Engine(ABC):
     @abstractmethod
     def forward_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model outputs for `batch` without gradients (eval mode)."""
-
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training: model, optimizer and schedule state."""
-
-    @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what state_dict returned."""

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import Config
@@ -163,25 +161,6 @@ class NativeEngine(Engine):
         """This rank's bytes of parameters, gradients and optimizer state (call between backward and zero_grad,
         or after a step for parameters and optimizer state)."""
         return model_state_bytes(self.model, self.zero or self.optimizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Single process: model, optimizer and schedule. Several processes: the whole model's weights (gathered,
-        on CPU, every rank takes part); the sharded optimizer state is saved by the sharded checkpoint format."""
-        if not self.ctx.env.distributed:
-            return {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-            }
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {"model": get_model_state_dict(self.model, options=options), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def build_engine(cfg: Config, ctx: ParallelContext) -> Engine:

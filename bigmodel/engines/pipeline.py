@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
@@ -235,16 +234,6 @@ class PipelineEngine(NativeEngine):
         last_rank = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
         dist.broadcast_object_list(box, src=last_rank, group=self.pp_group)
         return box[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The whole model's weights, gathered on CPU (every rank takes part; rank 0 receives them)."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        mine = {}
-        for module in self.stage_modules:
-            mine.update(get_model_state_dict(module, options=options))
-        gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size(self.pp_group))]
-        dist.all_gather_object(gathered, mine, group=self.pp_group)
-        return {"model": {k: v for part in gathered for k, v in part.items()}, "scheduler": self.scheduler.state_dict()}
 
 
 def pad_rows(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:

@@ -62,7 +62,8 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     """
     import dataclasses
 
-    from bigmodel.checkpoint.simple import load_model_weights
+    from bigmodel.checkpoint.run import resolve_checkpoint
+    from bigmodel.checkpoint.sharded import load_sharded
     from bigmodel.config.schema import ParallelConfig
     from bigmodel.data import build_eval_loader
     from bigmodel.engines import build_engine
@@ -76,5 +77,5 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     if eval_loader is None:
         raise ValueError("there is no held-out split to evaluate on; set data.eval_shards (or use data.source=shapes)")
     engine = build_engine(cfg, ctx)
-    engine.model.load_state_dict(load_model_weights(checkpoint))
+    load_sharded(resolve_checkpoint(checkpoint), engine)
     return evaluate(engine, eval_loader)

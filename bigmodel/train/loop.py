@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bigmodel.checkpoint.simple import save_checkpoint
+from bigmodel.checkpoint.run import find_resume_checkpoint, save_checkpoint
+from bigmodel.checkpoint.sharded import load_sharded
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
@@ -103,14 +104,27 @@ class Trainer:
         return metrics
 
     def save(self, step: int) -> Path:
-        """Save a checkpoint (every rank takes part in gathering the state; the main rank writes)."""
-        state = self.engine.state_dict()
-        path = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        """Save a sharded checkpoint (every rank writes its shards; the main rank writes the manifest)."""
+        extra = {
+            "samples_seen": self.samples_seen,
+            "loader": self.loader.state_dict(),
+            "config": config_to_dict(self.cfg),
+        }
+        return save_checkpoint(self.run_dir, step, self.engine, extra, self.cfg.checkpoint.keep, self.ctx.is_main)
+
+    def resume(self, spec: str) -> int:
+        """Load the checkpoint `spec` names (see find_resume_checkpoint) and return the step it was saved at."""
+        path = find_resume_checkpoint(spec, self.run_dir)
+        if path is None:
+            if self.ctx.is_main:
+                print(f"note: no checkpoint in {self.run_dir} yet; starting from step 0", file=sys.stderr)
+            return 0
+        extra = load_sharded(path, self.engine)
+        self.loader.load_state_dict(extra["loader"])
+        self.samples_seen = extra["samples_seen"]
         if self.ctx.is_main:
-            manifest = {"samples_seen": self.samples_seen, "config": config_to_dict(self.cfg)}
-            extra = {"loader": self.loader.state_dict(), "samples_seen": self.samples_seen}
-            path = save_checkpoint(path.parent, step, state, extra, manifest, self.cfg.checkpoint.keep)
-        return path
+            print(f"resumed from {path} (step {extra['step']})", file=sys.stderr)
+        return extra["step"]
 
     def write_timeline(self) -> None:
         """Gather the pipeline timeline just recorded and, on the main rank, draw it and report the bubble."""
@@ -153,23 +167,31 @@ class Trainer:
             record["logit_scale"] = stats.logit_scale
         return record
 
-    def fit(self) -> TrainResult:
+    def dropout_seed(self, step: int) -> int:
+        """Seed of the global RNG (dropout) for `step`: a function of (seed, step, data and pipeline rank), so a
+        resumed run draws what the uninterrupted one would, and tensor-parallel ranks draw alike."""
+        pp_rank = self.ctx.meshes.pp.get_local_rank() if self.ctx.meshes is not None else 0
+        return ((self.cfg.train.seed * 1_000_003 + step) * 1009 + self.ctx.dp_rank) * 101 + pp_rank
+
+    def fit(self, start_step: int = 0) -> TrainResult:
         cfg = self.cfg.train
-        before = self.run_eval(step=0)
+        before = self.run_eval(step=0) if start_step == 0 else {}
         batches = iter(self.loader)
         interval_samples, interval_start = 0, time.perf_counter()
         stats = None
         checkpoint = None
         show = self.cfg.log.progress and self.ctx.is_main
-        bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not show, dynamic_ncols=True, mininterval=1.0)
+        steps = range(start_step + 1, cfg.steps + 1)
+        bar = tqdm(steps, desc="train", disable=not show, dynamic_ncols=True, mininterval=1.0, total=len(steps))
         for step in bar:
+            torch.manual_seed(self.dropout_seed(step))
             timeline = step == self.cfg.log.pp_timeline_step and hasattr(self.engine, "timeline")
             if timeline:
                 self.engine.timeline.recording = True
             stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
             if timeline:
                 self.write_timeline()
-            if step == 1:
+            if step == start_step + 1:
                 self.log_memory()
             if not math.isfinite(stats.loss):
                 raise TrainingDiverged(
@@ -190,7 +212,8 @@ class Trainer:
         if self.cfg.checkpoint.save_final and (checkpoint is None or not checkpoint.name.endswith(f"{cfg.steps:08d}")):
             checkpoint = self.save(cfg.steps)
         after = self.run_eval(step=cfg.steps)
-        return TrainResult(self.run_dir, stats.loss, before, after, checkpoint)
+        final_loss = stats.loss if stats is not None else float("nan")  # nan: resumed at the last step
+        return TrainResult(self.run_dir, final_loss, before, after, checkpoint)
 
 
 def gather_to_main(value: Any, ctx: ParallelContext) -> list[Any]:
@@ -218,7 +241,9 @@ def train(cfg: Config, ctx: ParallelContext | None = None) -> TrainResult:
     engine = build_engine(cfg, ctx)
     logger = MetricsLogger(cfg, run_dir, config_to_dict(cfg)) if ctx.is_main else NullLogger()
     try:
-        return Trainer(cfg, ctx, run_dir, engine, loader, eval_loader, logger).fit()
+        trainer = Trainer(cfg, ctx, run_dir, engine, loader, eval_loader, logger)
+        start = trainer.resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else 0
+        return trainer.fit(start)
     finally:
         logger.close()
 

@@ -1,0 +1,72 @@
+"""A run's checkpoints: `<out_dir>/checkpoints/step_XXXXXXXX/` folders in the sharded format, a `latest` pointer
+replaced atomically after each complete save, the newest `checkpoint.keep` kept, and finding the one to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, save_sharded
+
+LATEST_FILE = "latest"
+
+
+def step_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, engine, extra: dict[str, Any], keep: int, is_main: bool) -> Path:
+    """Save checkpoint `step` (every rank calls this), then on the main rank point `latest` at it and delete all
+    but the newest `keep` complete checkpoints."""
+    path = save_sharded(step_folder(run_dir, step), engine, extra | {"step": step})
+    if is_main:
+        root = path.parent
+        pointer = root / f".{LATEST_FILE}.tmp"
+        pointer.write_text(path.name, encoding="utf-8")
+        os.replace(pointer, root / LATEST_FILE)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    return path
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under `root` that finished saving (they have a manifest), oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if (p / MANIFEST_FILE).is_file())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a step_* folder, a checkpoints/ folder or a run directory (its newest complete
+    checkpoint); FileNotFoundError (one line) if there is none."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(
+        f"no complete checkpoint at {path}; pass a run directory, its checkpoints/ folder or a step_* folder "
+        f"containing {MANIFEST_FILE}"
+    )
+
+
+def find_resume_checkpoint(spec: str, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `spec` "auto" means the newest complete one in this run (None if there is
+    none yet); anything else is a path (see resolve_checkpoint). A newer, incomplete save (a crash while saving)
+    is skipped, and that is said."""
+    if spec != "auto":
+        return resolve_checkpoint(spec)
+    root = Path(run_dir) / "checkpoints"
+    found = complete_checkpoints(root)
+    newest = max((p.name.removeprefix(".tmp_") for p in root.glob("*step_*")), default=None)
+    if found and newest is not None and newest > found[-1].name:
+        print(f"note: skipping incomplete checkpoint {newest}; resuming from {found[-1].name}", file=sys.stderr)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))["step"]
