@@ -51,8 +51,10 @@ def engine_state_dict(engine: NativeEngine) -> dict[str, Any]:
         model.update(get_model_state_dict(module))
     if engine.zero is not None:
         optim = engine.zero.fqn_state_dict()
+    elif len(engine.model_parts()) > 1:
+        optim = parts_optimizer_state(engine)
     else:
-        optim = get_optimizer_state_dict(_single_part(engine), engine.optimizer, options=_OPTIM_OPTIONS)
+        optim = get_optimizer_state_dict(engine.model_parts()[0], engine.optimizer, options=_OPTIM_OPTIONS)
     return {"model": model, "optim": optim, "scheduler": engine.scheduler.state_dict()}
 
 
@@ -63,20 +65,49 @@ def load_engine_state_dict(engine: NativeEngine, state: dict[str, Any]) -> None:
         set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in own})
     if engine.zero is not None:
         engine.zero.load_fqn_state_dict(state["optim"])
+    elif len(engine.model_parts()) > 1:
+        load_parts_optimizer_state(engine, state["optim"])
     else:
-        set_optimizer_state_dict(_single_part(engine), engine.optimizer, state["optim"], options=_OPTIM_OPTIONS)
+        set_optimizer_state_dict(engine.model_parts()[0], engine.optimizer, state["optim"], options=_OPTIM_OPTIONS)
     engine.scheduler.load_state_dict(state["scheduler"])
 
 
-def _single_part(engine: NativeEngine) -> torch.nn.Module:
-    """The one module a plain optimizer covers; torch's optimizer state_dict helpers take a single module."""
-    parts = engine.model_parts()
-    if len(parts) != 1:
-        raise NotImplementedError(
-            "sharded checkpoints of a pipeline rank holding several stages need ZeRO 0-2 (parallel.dp > 1 with "
-            "parallel.zero_stage < 3); use a schedule with one stage per rank (gpipe, 1f1b)"
-        )
-    return parts[0]
+def _named_params(engine: NativeEngine) -> dict[int, str]:
+    return {id(p): name for part in engine.model_parts() for name, p in part.named_parameters()}
+
+
+def parts_optimizer_state(engine: NativeEngine) -> dict[str, Any]:
+    """A plain AdamW's state over several model parts (pipeline stages on one rank) in the flattened form of
+    `get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`, which torch's helpers build for one module
+    only. Moments are zeros and step 0 before the first step, so the form never depends on when it is taken."""
+    names = _named_params(engine)
+    flat: dict[str, Any] = {}
+    for group in engine.optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for param in group["params"]:
+            name, state = names[id(param)], engine.optimizer.state.get(param, {})
+            flat[f"state.{name}.step"] = state.get("step", torch.tensor(0.0)).detach().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                flat[f"state.{name}.{key}"] = state[key] if key in state else torch.zeros_like(param)
+            flat.update({f"param_groups.{name}.{k}": v for k, v in hyper.items()})
+    return flat
+
+
+@torch.no_grad()
+def load_parts_optimizer_state(engine: NativeEngine, flat: dict[str, Any]) -> None:
+    """Restore parts_optimizer_state's form (saved in any layout) into the plain AdamW over several parts."""
+    names = _named_params(engine)
+    for group in engine.optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            engine.optimizer.state[param] = {
+                "step": torch.as_tensor(flat[f"state.{name}.step"]).detach().clone().float(),
+                **{key: flat[f"state.{name}.{key}"] for key in ("exp_avg", "exp_avg_sq")},
+            }
+        if group["params"]:  # hyper-parameters are per group: its first parameter's saved values stand for all
+            first = names[id(group["params"][0])]
+            for key in group.keys() - {"params"}:
+                group[key] = flat[f"param_groups.{first}.{key}"]
 
 
 def save_sharded(path: str | Path, engine: NativeEngine, extra: dict[str, Any]) -> Path:
