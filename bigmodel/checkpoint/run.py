@@ -70,3 +70,22 @@ def find_resume_checkpoint(spec: str, run_dir: Path) -> Path | None:
 
 def checkpoint_step(path: Path) -> int:
     return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))["step"]
+
+
+def check_same_model(path: Path, model: dict[str, Any], objectives: tuple[str, ...]) -> None:
+    """ValueError (one line, naming the first differing field) if the checkpoint at `path` holds another model."""
+    saved = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))["extra"].get("config")
+    if saved is None:
+        return
+    for key, value in model.items():
+        if saved["model"].get(key) != value:
+            raise ValueError(
+                f"checkpoint {path} holds a different model: model.{key}={saved['model'].get(key)!r} there, "
+                f"{value!r} here; resume with the config it was saved with"
+            )
+    saved_objectives = tuple(k for k, w in saved["train"]["loss_weights"].items() if w > 0)
+    if saved_objectives != objectives:
+        raise ValueError(
+            f"checkpoint {path} trained the heads {saved_objectives}, this config {objectives}; set the same "
+            "train.loss_weights (a weight of 0 drops a head)"
+        )

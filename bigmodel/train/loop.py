@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bigmodel.checkpoint.run import find_resume_checkpoint, save_checkpoint
+from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint
 from bigmodel.checkpoint.sharded import load_sharded
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
@@ -119,6 +119,8 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"note: no checkpoint in {self.run_dir} yet; starting from step 0", file=sys.stderr)
             return 0
+        objectives = active_objectives(self.cfg.train.loss_weights)
+        check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
         extra = load_sharded(path, self.engine)
         self.loader.load_state_dict(extra["loader"])
         self.samples_seen = extra["samples_seen"]

@@ -110,3 +110,11 @@ def test_activation_checkpointing_gives_the_same_run(tmp_path):
         losses.append([r["loss"] for r in read_jsonl(out / "run" / "metrics.jsonl")])
     # Recomputation replays exactly the same kernels on the same inputs: identical results.
     assert losses[0] == losses[1]
+
+
+def test_resuming_a_different_model_is_a_one_line_error(tmp_path):
+    train(tiny(tmp_path / "a", "--train.steps=3", "--train.warmup_steps=0"))
+    checkpoint = tmp_path / "a" / "run" / "checkpoints" / "step_00000003"
+    with pytest.raises(ValueError) as info:
+        train(tiny(tmp_path / "b", "--train.steps=4", "--model.text_layers=3", f"--checkpoint.resume={checkpoint}"))
+    assert "model.text_layers=2 there, 3 here" in str(info.value) and "\n" not in str(info.value)
