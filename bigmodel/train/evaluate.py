@@ -63,7 +63,7 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     import dataclasses
 
     from bigmodel.checkpoint.run import resolve_checkpoint
-    from bigmodel.checkpoint.sharded import load_sharded
+    from bigmodel.checkpoint.sharded import load_sharded, verify_manifest
     from bigmodel.config.schema import ParallelConfig
     from bigmodel.data import build_eval_loader
     from bigmodel.engines import build_engine
@@ -77,5 +77,7 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     if eval_loader is None:
         raise ValueError("there is no held-out split to evaluate on; set data.eval_shards (or use data.source=shapes)")
     engine = build_engine(cfg, ctx)
-    load_sharded(resolve_checkpoint(checkpoint), engine)
+    path = resolve_checkpoint(checkpoint)
+    verify_manifest(path)
+    load_sharded(path, engine)
     return evaluate(engine, eval_loader)

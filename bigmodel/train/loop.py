@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint
-from bigmodel.checkpoint.sharded import load_sharded
+from bigmodel.checkpoint.sharded import load_sharded, verify_manifest
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
@@ -119,6 +119,7 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"note: no checkpoint in {self.run_dir} yet; starting from step 0", file=sys.stderr)
             return 0
+        verify_on_main(path, self.ctx)
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
         extra = load_sharded(path, self.engine)
@@ -216,6 +217,23 @@ class Trainer:
         after = self.run_eval(step=cfg.steps)
         final_loss = stats.loss if stats is not None else float("nan")  # nan: resumed at the last step
         return TrainResult(self.run_dir, final_loss, before, after, checkpoint)
+
+
+def verify_on_main(path: Path, ctx: ParallelContext) -> None:
+    """Check the checkpoint's files against its manifest once, on the main rank, and raise the same one-line
+    ValueError on every rank if one is missing or changed (so no rank waits in a collective for a failed one)."""
+    problem = None
+    if ctx.is_main:
+        try:
+            verify_manifest(path)
+        except ValueError as err:
+            problem = str(err)
+    if ctx.env.distributed:
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
 
 
 def gather_to_main(value: Any, ctx: ParallelContext) -> list[Any]:

@@ -91,3 +91,19 @@ def test_info_prints_parameters_and_flops():
     result = run("info", "--config", str(ROOT / "configs" / "base.yaml"))
     assert result.returncode == 0, result.stderr
     assert "parameters:" in result.stdout and "training FLOPs per sample" in result.stdout
+
+
+def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    made = run("train", "--config", TINY, *QUIET, "--train.steps=3", "--train.warmup_steps=0", f"--train.out_dir={out}")
+    assert made.returncode == 0, made.stderr
+    checkpoint = out / "checkpoints" / "step_00000003"
+    shard = next(checkpoint.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern in the middle of the shard
+    shard.write_bytes(bytes(data))
+    for args in (["eval", str(out)], ["train", "--config", TINY, *QUIET, "--train.steps=4", f"--resume={checkpoint}"]):
+        result = run(*args, f"--train.out_dir={tmp_path / 'other'}" if args[0] == "train" else "--json")
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and shard.name in lines[-1], result.stderr
