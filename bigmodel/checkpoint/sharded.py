@@ -166,9 +166,12 @@ def verify_manifest(path: str | Path) -> None:
     expected = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
     for name, digest in expected.items():
         if not (path / name).is_file():
-            raise ValueError(f"checkpoint {path}: {name} is missing")
+            raise ValueError(f"checkpoint {path}: {name} is missing; restore it or use an earlier checkpoint")
         if _sha256(path / name) != digest:
-            raise ValueError(f"checkpoint {path}: {name} does not match its sha256 in {MANIFEST_FILE}")
+            raise ValueError(
+                f"checkpoint {path}: {name} does not match its sha256 in {MANIFEST_FILE} (corrupt or changed); "
+                "use an earlier checkpoint"
+            )
     unlisted = sorted(set(_files(path)) - set(expected) - {MANIFEST_FILE})
     if unlisted:
         raise ValueError(f"checkpoint {path}: {unlisted[0]} is not listed in {MANIFEST_FILE}")
