@@ -1,0 +1,101 @@
+"""`bigmodel ckpt`: inspect, compare, consolidate and convert saved checkpoints (see bigmodel.checkpoint.tools)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+CHECKPOINT_HELP = "a run directory, its checkpoints/ folder or one step_* folder"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ckpt",
+        help="inspect, compare, consolidate and convert checkpoints",
+        description="Work with saved checkpoints from one process, whatever layout wrote them; tensors are read "
+        "one at a time.",
+    )
+    commands = parser.add_subparsers(dest="ckpt_command", required=True, metavar="ACTION")
+
+    inspect = commands.add_parser("inspect", help="step, layout, model, sizes and checksum status")
+    inspect.add_argument("path", help=CHECKPOINT_HELP)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=run_inspect)
+
+    diff = commands.add_parser("diff", help="per-tensor differences of two checkpoints' models (exit 1 above --tol)")
+    diff.add_argument("a", help=CHECKPOINT_HELP)
+    diff.add_argument("b", help=CHECKPOINT_HELP)
+    diff.add_argument("--tol", type=float, default=0.0, help="largest max-abs difference accepted (default 0)")
+    diff.set_defaults(func=run_diff)
+
+    consolidate = commands.add_parser("consolidate", help="the model's weights as one safetensors file")
+    consolidate.add_argument("path", help=CHECKPOINT_HELP)
+    consolidate.add_argument("out", help="the .safetensors file to write (config.json goes beside it)")
+    consolidate.set_defaults(func=run_consolidate)
+
+    export = commands.add_parser("export-hf", help="a transformers CLIPModel directory (fusion none only)")
+    export.add_argument("path", help=CHECKPOINT_HELP)
+    export.add_argument("out", help="directory to write config.json and model.safetensors to")
+    export.set_defaults(func=run_export_hf)
+
+    imp = commands.add_parser("import-hf", help="a CLIPModel directory as a bigmodel run with a step-0 checkpoint")
+    imp.add_argument("hf_dir", help="a directory CLIPModel.from_pretrained loads")
+    imp.add_argument("out", help="a new run directory")
+    imp.add_argument("--tokenizer", default="builtin", help="builtin or a tokenizer.json whose vocabulary fits")
+    imp.set_defaults(func=run_import_hf)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from bigmodel.checkpoint.tools import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    model = info["model"] or {}
+    print(f"checkpoint: {info['path']}")
+    print(f"step: {info['step']}  saved on {info['world_size']} process(es), layout {info['layout']}")
+    print(
+        f"model: fusion {model.get('fusion')}, vision {model.get('vision_layers')}x{model.get('vision_width')}, "
+        f"text {model.get('text_layers')}x{model.get('text_width')}; objectives {', '.join(info['objectives'])}"
+    )
+    print(f"parameters: {info['parameters']:,} in {info['tensors']} tensors ({info['model_bytes'] / 2**20:.2f} MiB)")
+    for name, size in info["files"].items():
+        print(f"  {name}  {size:,} bytes")
+    print(f"checksums: {info['checksums']}")
+    return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from bigmodel.checkpoint.tools import diff_checkpoints
+
+    rows = diff_checkpoints(args.a, args.b, args.tol)
+    for row in rows:
+        if row.status == "compared":
+            print(f"{'ok  ' if row.ok else 'DIFF'}  {row.name}  max_abs {row.max_abs:.3e}  max_rel {row.max_rel:.3e}")
+        else:
+            print(f"DIFF  {row.name}  {row.status}")
+    bad = sum(not row.ok for row in rows)
+    print(f"{len(rows) - bad} of {len(rows)} tensors within tolerance {args.tol:g}")
+    return 1 if bad else 0
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from bigmodel.checkpoint.tools import consolidate
+
+    print(f"wrote {consolidate(args.path, args.out)}")
+    return 0
+
+
+def run_export_hf(args: argparse.Namespace) -> int:
+    from bigmodel.checkpoint.tools import export_hf
+
+    print(f"wrote {export_hf(args.path, args.out)}")
+    return 0
+
+
+def run_import_hf(args: argparse.Namespace) -> int:
+    from bigmodel.checkpoint.tools import import_hf
+
+    print(f"wrote {import_hf(args.hf_dir, args.out, args.tokenizer)}")
+    return 0

@@ -1,0 +1,168 @@
+"""Checkpoint tools against references: the engine's own loader (load_sharded) for the weights, transformers'
+CLIPModel for the export, and a second checkpoint for the diff; plus the `bigmodel ckpt` front."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")  # the optional `hf` extra
+
+from safetensors.torch import load_file
+from transformers import CLIPModel
+
+from bigmodel.checkpoint.sharded import load_sharded
+from bigmodel.checkpoint.tools import consolidate, diff_checkpoints, export_hf, import_hf, inspect_checkpoint
+from bigmodel.cli import ckpt
+from bigmodel.cli import main as cli_main
+from bigmodel.config import load_config
+from bigmodel.config.load import config_from_dict
+from bigmodel.config.schema import ParallelConfig
+from bigmodel.data import build_eval_loader
+from bigmodel.engines.native import NativeEngine
+from bigmodel.parallel.context import setup_parallel
+from bigmodel.train.loop import train
+
+QUICK = ["--train.warmup_steps=0", "--log.progress=false", "--log.wandb=disabled", "--data.eval_size=16"]
+
+
+def train_run(recipe: str, out: Path, *overrides: str) -> Path:
+    """Train `recipe` for 2 steps into `out` (checkpoints at steps 1 and 2) and return the step-2 checkpoint."""
+    overrides = ["--train.steps=2", "--checkpoint.every=1", *QUICK, f"--train.out_dir={out}", *overrides]
+    return train(load_config(recipe, overrides)).checkpoint
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory) -> Path:
+    return train_run("configs/tiny-clip.yaml", tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory) -> Path:
+    return train_run("configs/tiny.yaml", tmp_path_factory.mktemp("tiny"))
+
+
+def loaded_model(checkpoint: Path) -> torch.nn.Module:
+    """The reference: the checkpoint's config and weights through the engine's own loader, in one process."""
+    saved = json.loads((checkpoint / "manifest.json").read_text())["extra"]["config"]
+    cfg = dataclasses.replace(config_from_dict(saved), parallel=ParallelConfig())
+    engine = NativeEngine(cfg, setup_parallel(cfg))
+    load_sharded(checkpoint, engine)
+    return engine.model.eval()
+
+
+def test_inspect_reads_step_sizes_and_checksums(clip_run: Path, tmp_path: Path) -> None:
+    info = inspect_checkpoint(clip_run.parent.parent)  # a run directory resolves to its newest checkpoint
+    model = loaded_model(clip_run)
+    assert info["path"] == str(clip_run) and info["step"] == 2
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["model_bytes"] == 4 * info["parameters"]  # fp32
+    assert info["objectives"] == ["contrastive"] and info["model"]["fusion"] == "none"
+    assert info["checksums"] == "ok" and info["files"]["manifest.json"] > 0
+    corrupt = shutil.copytree(clip_run, tmp_path / "step_00000002")
+    shard = next(corrupt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "does not match its sha256" in inspect_checkpoint(corrupt)["checksums"]
+
+
+def test_consolidate_writes_the_loaded_weights(clip_run: Path, tmp_path: Path) -> None:
+    out = consolidate(clip_run, tmp_path / "model.safetensors")
+    written = load_file(out)
+    expected = loaded_model(clip_run).state_dict()
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=0)  # a byte copy: exact
+    saved = json.loads((clip_run / "manifest.json").read_text())["extra"]["config"]
+    assert json.loads((tmp_path / "config.json").read_text()) == saved
+
+
+def test_diff_reports_differences_and_missing_tensors(clip_run: Path, fused_run: Path) -> None:
+    same = diff_checkpoints(clip_run, clip_run)
+    assert same and all(row.ok and row.max_abs == 0 for row in same)
+    step1 = clip_run.parent / "step_00000001"
+    rows = {row.name: row for row in diff_checkpoints(step1, clip_run, tol=1e-6)}
+    # One AdamW step at lr 1e-3 moves each trained weight by about 1e-3 (Adam's normalised update).
+    assert rows["text.token_embedding.weight"].max_abs > 1e-4 and not rows["text.token_embedding.weight"].ok
+    other = {row.status for row in diff_checkpoints(clip_run, fused_run)}
+    assert {"only_in_b", "compared"} <= other
+
+
+def bigmodel_embeddings(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model(batch)
+    return out["image_embeds"], out["text_embeds"]
+
+
+def clip_embeddings(clip: CLIPModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = clip.eval()(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+    return out.image_embeds, out.text_embeds
+
+
+def test_export_hf_computes_the_same_embeddings(clip_run: Path, tmp_path: Path) -> None:
+    out = export_hf(clip_run, tmp_path / "hf")
+    clip = CLIPModel.from_pretrained(out)
+    model = loaded_model(clip_run)
+    cfg = config_from_dict(json.loads((clip_run / "manifest.json").read_text())["extra"]["config"])
+    batch = next(iter(build_eval_loader(cfg, 16)))  # real captions: [BOS] tokens [EOS] [PAD]...
+    # Same weights in fp32, different kernels (eager/sdpa attention, mask forms): a few ulps on unit-norm
+    # embeddings (see test_clip_compat.py); a misplaced tensor or wrong pooled token moves them by > 1e-2.
+    for ours, theirs in zip(bigmodel_embeddings(model, batch), clip_embeddings(clip, batch), strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_export_hf_refuses_fused_models(fused_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^checkpoint .* model\.fusion=cross; only model\.fusion=none [^\n]*$"):
+        export_hf(fused_run, tmp_path / "hf")
+
+
+def test_export_import_round_trip_is_exact_and_resumable(clip_run: Path, tmp_path: Path) -> None:
+    hf_dir = export_hf(clip_run, tmp_path / "hf")
+    imported = import_hf(hf_dir, tmp_path / "imported")
+    assert all(row.ok and row.max_abs == 0 for row in diff_checkpoints(clip_run, imported))  # safetensors is lossless
+    with pytest.raises(ValueError, match="is not empty"):
+        import_hf(hf_dir, tmp_path / "imported")
+    # The imported run trains on from its step-0 checkpoint.
+    resumed = load_config(
+        tmp_path / "imported" / "config.yaml",
+        ["--train.steps=1", *QUICK, f"--checkpoint.resume={imported}"],
+    )
+    assert train(resumed).checkpoint.name == "step_00000001"
+
+    # A perturbed tensor shows up in the diff, and only that one.
+    clip = CLIPModel.from_pretrained(hf_dir)
+    with torch.no_grad():
+        clip.text_projection.weight.add_(1e-3)
+    clip.save_pretrained(tmp_path / "hf2")
+    rows = diff_checkpoints(clip_run, import_hf(tmp_path / "hf2", tmp_path / "imported2"), tol=1e-6)
+    assert [row.name for row in rows if not row.ok] == ["contrastive.text_projection.weight"]
+    assert rows[0].max_abs == 0
+
+
+def run_cli(argv: list[str], monkeypatch) -> int:
+    assert ckpt in cli_main.COMMANDS
+    return cli_main.main(argv)
+
+
+def test_cli(clip_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    assert run_cli(["ckpt", "inspect", str(clip_run), "--json"], monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert run_cli(["ckpt", "diff", str(clip_run), str(clip_run)], monkeypatch) == 0
+    step1 = str(clip_run.parent / "step_00000001")
+    assert run_cli(["ckpt", "diff", step1, str(clip_run), "--tol", "1e-6"], monkeypatch) == 1
+    assert run_cli(["ckpt", "diff", step1, str(clip_run), "--tol", "1"], monkeypatch) == 0
+    capsys.readouterr()
+    assert (
+        run_cli(["ckpt", "consolidate", str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")], monkeypatch) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: no complete checkpoint at") and err.count("\n") == 1
