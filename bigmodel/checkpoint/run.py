@@ -3,14 +3,13 @@ replaced atomically after each complete save, the newest `checkpoint.keep` kept,
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, save_sharded
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, read_manifest, save_sharded
 
 LATEST_FILE = "latest"
 
@@ -68,13 +67,9 @@ def find_resume_checkpoint(spec: str, run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def checkpoint_step(path: Path) -> int:
-    return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))["step"]
-
-
 def check_same_model(path: Path, model: dict[str, Any], objectives: tuple[str, ...]) -> None:
     """ValueError (one line, naming the first differing field) if the checkpoint at `path` holds another model."""
-    saved = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))["extra"].get("config")
+    saved = read_manifest(path)["extra"].get("config")
     if saved is None:
         return
     for key, value in model.items():

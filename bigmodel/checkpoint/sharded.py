@@ -153,17 +153,22 @@ def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:
     Every rank calls it; it does not check the files' checksums (verify_manifest does).
     """
     path = Path(path)
-    manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest = read_manifest(path)
     state = engine_state_dict(engine)
     dcp.load(state, checkpoint_id=path)
     load_engine_state_dict(engine, state)
     return manifest["extra"]
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest.json of the checkpoint folder `path`."""
+    return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
+
+
 def verify_manifest(path: str | Path) -> None:
     """Raise ValueError naming the first file of the checkpoint at `path` that is missing, changed or unlisted."""
     path = Path(path)
-    expected = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    expected = read_manifest(path)["files"]
     for name, digest in expected.items():
         if not (path / name).is_file():
             raise ValueError(f"checkpoint {path}: {name} is missing; restore it or use an earlier checkpoint")

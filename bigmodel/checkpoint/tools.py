@@ -29,7 +29,7 @@ from bigmodel.checkpoint.hf import (
     model_config_from_clip_config,
 )
 from bigmodel.checkpoint.run import resolve_checkpoint, save_checkpoint
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, verify_manifest
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, read_manifest, verify_manifest
 
 MODEL_PREFIX = "model."
 
@@ -46,10 +46,6 @@ _SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
 
 
 def saved_config(path: Path) -> dict[str, Any]:
