@@ -1,0 +1,9 @@
+"""`bigmodel bench` (being built; registers nothing yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `bench` command to `subparsers`."""
