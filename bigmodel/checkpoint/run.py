@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, read_manifest, save_sharded
+import torch.distributed as dist
+
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, PendingSave, read_manifest, save_sharded_async
 
 LATEST_FILE = "latest"
 
@@ -18,18 +20,35 @@ def step_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, extra: dict[str, Any], keep: int, is_main: bool) -> Path:
-    """Save checkpoint `step` (every rank calls this), then on the main rank point `latest` at it and delete all
-    but the newest `keep` complete checkpoints."""
-    path = save_sharded(step_folder(run_dir, step), engine, extra | {"step": step})
-    if is_main:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    engine,
+    extra: dict[str, Any],
+    keep: int,
+    background: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> PendingSave | Path:
+    """Save checkpoint `step` (every rank calls this); once it is complete, the main rank points `latest` at it and
+    deletes all but the newest `keep` complete checkpoints.
+
+    By default the save is complete when this returns its folder. With `background` it is written by a thread
+    and a PendingSave is returned; `group` is then a gloo group used only for checkpoints (None in a single
+    process; see save_sharded_async)."""
+    folder = step_folder(run_dir, step)
+    extra = extra | {"step": step}
+
+    def point_latest(path: Path) -> None:  # runs on the main rank only
         root = path.parent
         pointer = root / f".{LATEST_FILE}.tmp"
         pointer.write_text(path.name, encoding="utf-8")
         os.replace(pointer, root / LATEST_FILE)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
-    return path
+
+    if not background:
+        return engine.save_checkpoint(folder, extra, on_complete=point_latest)
+    return save_sharded_async(folder, engine, extra, group, on_complete=point_latest)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -16,6 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,41 +113,103 @@ def load_parts_optimizer_state(engine: NativeEngine, flat: dict[str, Any]) -> No
                 group[key] = flat[f"param_groups.{first}.{key}"]
 
 
-def save_sharded(path: str | Path, engine: NativeEngine, extra: dict[str, Any]) -> Path:
+class PendingSave:
+    """A checkpoint being written. `wait()` returns its folder once complete; `done()` says whether it is.
+
+    Rank 0 finishes it (checksums, manifest, rename to the final folder, then `on_complete(path)`) once DCP has
+    written every rank's shards: in DCP's background thread for an async save, before save_sharded returns
+    otherwise. Other ranks only wait for their own shards. Neither step runs a collective on the training group.
+    """
+
+    def __init__(self, tmp: Path, path: Path, manifest: dict[str, Any], on_complete: Callable[[Path], None] | None):
+        self.tmp, self.path, self.manifest, self.on_complete = tmp, path, manifest, on_complete
+        self.future: Future | None = None
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+
+    def start_background(self, future: Future) -> None:
+        self.future = future
+        future.add_done_callback(lambda _: self._finish())
+
+    def _finish(self) -> None:
+        try:
+            if self.future is not None:
+                self.future.result()  # re-raises a failed write
+            if _is_main():
+                self.manifest["files"] = _checksums(self.tmp)
+                (self.tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
+                shutil.rmtree(self.path, ignore_errors=True)
+                os.replace(self.tmp, self.path)
+                if self.on_complete is not None:
+                    self.on_complete(self.path)
+        except BaseException as err:  # handed to the thread that waits
+            self._error = err
+        finally:
+            self._finished.set()
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self) -> Path:
+        self._finished.wait()
+        if self._error is not None:
+            raise RuntimeError(f"saving checkpoint {self.path} failed: {self._error}") from self._error
+        return self.path
+
+
+def save_sharded(
+    path: str | Path, engine: NativeEngine, extra: dict[str, Any], on_complete: Callable[[Path], None] | None = None
+) -> Path:
     """Write `engine`'s state to the folder `path` (replacing one there) and return it. Every rank calls it.
 
     `extra` (the step, data position, ...) must be JSON; it goes into manifest.json and `load_sharded` returns it.
-    The shards are written to `.tmp_<name>` beside `path`, which rank 0 renames to `path` after every rank is done.
+    The shards are written to `.tmp_<name>` beside `path`, which rank 0 renames to `path` after every rank is done,
+    then calls `on_complete(path)`.
     """
-    path = Path(path)
+    pending = _start_save(Path(path), engine, extra, on_complete)
+    dcp.save(engine_state_dict(engine), checkpoint_id=pending.tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    pending._finish()
+    if dist.is_initialized():
+        dist.barrier()
+    return pending.wait()
+
+
+def save_sharded_async(
+    path: str | Path,
+    engine: NativeEngine,
+    extra: dict[str, Any],
+    group: dist.ProcessGroup | None,
+    on_complete: Callable[[Path], None] | None = None,
+) -> PendingSave:
+    """save_sharded in the background: the state is copied to host memory, then written by a thread while the
+    caller trains on. `group` is a gloo process group used only for checkpoints (None in a single process), so
+    the writer's collectives never interleave with training's. Call `.wait()` before the next save and before
+    the process exits."""
+    pending = _start_save(Path(path), engine, extra, on_complete)
+    response = dcp.async_save(engine_state_dict(engine), checkpoint_id=pending.tmp, process_group=group)
+    pending.start_background(getattr(response, "upload_completion", response))  # a Future, or one inside a response
+    return pending
+
+
+def _start_save(
+    path: Path, engine: NativeEngine, extra: dict[str, Any], on_complete: Callable[[Path], None] | None
+) -> PendingSave:
+    """Check `extra`, prepare the manifest and an empty temporary folder (all ranks wait for it)."""
     manifest = {"format": FORMAT, "step": extra.get("step"), "extra": extra}
     try:
         json.dumps(manifest)
     except TypeError as err:
         raise TypeError(f"save_sharded: extra must be JSON ({err}); keep tensors in the engine state") from None
+    manifest |= {"layout": asdict(engine.ctx.dims), "world_size": engine.ctx.env.world_size, "torch": torch.__version__}
     tmp = path.parent / f".tmp_{path.name}"
-    distributed = dist.is_initialized()
     if _is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if distributed:
+    if dist.is_initialized():
         dist.barrier()
-    dcp.save(engine_state_dict(engine), checkpoint_id=tmp)
-    if distributed:
-        dist.barrier()
-    if _is_main():
-        manifest |= {
-            "layout": asdict(engine.ctx.dims),
-            "world_size": engine.ctx.env.world_size,
-            "torch": torch.__version__,
-            "files": _checksums(tmp),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    if distributed:
-        dist.barrier()
-    return path
+    return PendingSave(tmp, path, manifest, on_complete)
 
 
 def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:

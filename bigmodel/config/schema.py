@@ -205,6 +205,14 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    save_on_signal: bool = True
+    """On SIGUSR1 or SIGTERM (a scheduler's warning before preemption or the time limit), finish the current
+    step, save a checkpoint, write stopped.json into the run directory and exit with status 0; resume with
+    `--resume auto`."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training goes on. The state is first copied into host
+    memory (one extra copy of this rank's model and optimizer state); the manifest and `latest` follow once every
+    rank's files are written."""
     resume: str = ""
     """Resume training: "auto" (the newest complete checkpoint in train.out_dir, or a fresh start if there is
     none) or the path of a checkpoint or run directory; empty: start fresh. Also `bigmodel train --resume ...`."""

@@ -7,8 +7,10 @@ how the optimizer is sharded is the engine's business.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,3 +47,19 @@ class Engine(ABC):
     @abstractmethod
     def forward_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model outputs for `batch` without gradients (eval mode)."""
+
+    def save_checkpoint(
+        self, path: Path, extra: dict[str, Any], on_complete: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Write this engine's state to the checkpoint folder `path` with bigmodel's manifest (JSON `extra` in it),
+        then call `on_complete(path)` on rank 0; every rank calls it. Default: the layout-independent sharded format
+        (bigmodel.checkpoint.sharded); the deepspeed engine writes DeepSpeed's own files."""
+        from bigmodel.checkpoint.sharded import save_sharded
+
+        return save_sharded(path, self, extra, on_complete=on_complete)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint folder `path` into this engine and return its `extra`; every rank calls it."""
+        from bigmodel.checkpoint.sharded import load_sharded
+
+        return load_sharded(path, self)

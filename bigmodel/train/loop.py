@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint
-from bigmodel.checkpoint.sharded import load_sharded, verify_manifest
+from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint, step_folder
+from bigmodel.checkpoint.sharded import PendingSave, verify_manifest
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
@@ -29,6 +29,7 @@ from bigmodel.parallel.timeline import write_timeline
 from bigmodel.train.evaluate import evaluate
 from bigmodel.train.metrics import MetricsLogger, NullLogger, measure_matmul_peak
 from bigmodel.train.runtime import configure_threads, seed_everything, set_deterministic
+from bigmodel.train.stop import StopRequest
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,6 +45,8 @@ class TrainResult:
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
+    stopped_by: str | None = None
+    """The signal that stopped the run early (after saving `checkpoint`), or None if it ran to the end."""
 
 
 def split_microbatches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
@@ -82,7 +85,17 @@ class Trainer:
     Every rank runs `fit`; only the main rank logs, shows progress and writes files.
     """
 
-    def __init__(self, cfg: Config, ctx: ParallelContext, run_dir: Path, engine: Engine, loader, eval_loader, logger):
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: ParallelContext,
+        run_dir: Path,
+        engine: Engine,
+        loader,
+        eval_loader,
+        logger,
+        stop: StopRequest | None = None,
+    ):
         self.cfg = cfg
         self.ctx = ctx
         self.run_dir = run_dir
@@ -91,6 +104,12 @@ class Trainer:
         self.eval_loader = eval_loader
         self.logger = logger
         self.samples_seen = 0
+        self.stop = stop or StopRequest()
+        self.stopped_by: str | None = None
+        self.pending: PendingSave | None = None  # a background save still being written
+        # Background saves run their collectives on a group of their own, so they never interleave with training's.
+        background = cfg.checkpoint.async_save and ctx.env.distributed
+        self.checkpoint_group = torch.distributed.new_group(backend="gloo") if background else None
         self.flops_per_sample = training_flops_per_sample(cfg)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         # Every process gets the same share of the machine, so the job's peak is one process's times the world.
@@ -104,13 +123,47 @@ class Trainer:
         return metrics
 
     def save(self, step: int) -> Path:
-        """Save a sharded checkpoint (every rank writes its shards; the main rank writes the manifest)."""
+        """Save a sharded checkpoint (every rank writes its shards; the main rank writes the manifest) and return
+        its folder. With checkpoint.async_save it is still being written when this returns (see finish_save)."""
+        self.finish_save()
         extra = {
             "samples_seen": self.samples_seen,
             "loader": self.loader.state_dict(),
             "config": config_to_dict(self.cfg),
         }
-        return save_checkpoint(self.run_dir, step, self.engine, extra, self.cfg.checkpoint.keep, self.ctx.is_main)
+        background = self.cfg.checkpoint.async_save
+        saved = save_checkpoint(
+            self.run_dir, step, self.engine, extra, self.cfg.checkpoint.keep, background, self.checkpoint_group
+        )
+        if isinstance(saved, PendingSave):
+            self.pending = saved
+            return saved.path
+        return saved
+
+    def finish_save(self, only_if_done: bool = False) -> None:
+        """Wait for a background save to complete (with `only_if_done`, only collect one that already has)."""
+        if self.pending is not None and (self.pending.done() or not only_if_done):
+            self.pending.wait()
+            self.pending = None
+
+    def stop_requested(self, step: int, checkpoint: Path | None) -> Path | None:
+        """If any rank got a stop signal: save (unless `checkpoint` is this step's), write stopped.json and return
+        the checkpoint; else None. Every rank calls it after each step."""
+        received = self.stop.agreed(None, self.engine.device)
+        if received is None:
+            return None
+        self.stopped_by = received.name
+        if checkpoint is None or checkpoint != step_folder(self.run_dir, step):
+            checkpoint = self.save(step)
+        self.finish_save()
+        if self.ctx.is_main:
+            record = {"step": step, "signal": received.name, "checkpoint": str(checkpoint)}
+            (self.run_dir / "stopped.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+            print(
+                f"stopped by {received.name} after step {step}; checkpoint {checkpoint}; continue with --resume auto",
+                file=sys.stderr,
+            )
+        return checkpoint
 
     def resume(self, spec: str) -> int:
         """Load the checkpoint `spec` names (see find_resume_checkpoint) and return the step it was saved at."""
@@ -122,7 +175,7 @@ class Trainer:
         verify_on_main(path, self.ctx)
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
-        extra = load_sharded(path, self.engine)
+        extra = self.engine.load_checkpoint(path)
         self.loader.load_state_dict(extra["loader"])
         self.samples_seen = extra["samples_seen"]
         if self.ctx.is_main:
@@ -211,9 +264,16 @@ class Trainer:
                 checkpoint = self.save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 self.run_eval(step)
+            self.finish_save(only_if_done=True)
+            stopped_at = self.stop_requested(step, checkpoint)
+            if stopped_at is not None:
+                bar.close()
+                return TrainResult(self.run_dir, stats.loss, before, {}, stopped_at, self.stopped_by)
         bar.close()
-        if self.cfg.checkpoint.save_final and (checkpoint is None or not checkpoint.name.endswith(f"{cfg.steps:08d}")):
+        final = step_folder(self.run_dir, cfg.steps)
+        if self.cfg.checkpoint.save_final and checkpoint != final:
             checkpoint = self.save(cfg.steps)
+        self.finish_save()
         after = self.run_eval(step=cfg.steps)
         final_loss = stats.loss if stats is not None else float("nan")  # nan: resumed at the last step
         return TrainResult(self.run_dir, final_loss, before, after, checkpoint)
@@ -260,11 +320,13 @@ def train(cfg: Config, ctx: ParallelContext | None = None) -> TrainResult:
     run_dir = prepare_run_dir(cfg) if ctx.is_main else Path(cfg.train.out_dir)
     engine = build_engine(cfg, ctx)
     logger = MetricsLogger(cfg, run_dir, config_to_dict(cfg)) if ctx.is_main else NullLogger()
+    stop = StopRequest().install() if cfg.checkpoint.save_on_signal else StopRequest()
     try:
-        trainer = Trainer(cfg, ctx, run_dir, engine, loader, eval_loader, logger)
+        trainer = Trainer(cfg, ctx, run_dir, engine, loader, eval_loader, logger, stop)
         start = trainer.resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else 0
         return trainer.fit(start)
     finally:
+        stop.uninstall()
         logger.close()
 
 
@@ -279,8 +341,9 @@ def print_result(result: TrainResult, stream=sys.stdout) -> None:
     print(f"final training loss: {result.final_loss:.4f}", file=stream)
     if result.eval_before:
         print(f"held-out before training: {format_eval(result.eval_before)}", file=stream)
+    if result.eval_after:
         print(f"held-out after training:  {format_eval(result.eval_after)}", file=stream)
-    if "i2t_r1" in result.eval_after:
+    if "i2t_r1" in result.eval_before and "i2t_r1" in result.eval_after:
         before, after, chance = (
             result.eval_before["i2t_r1"],
             result.eval_after["i2t_r1"],
@@ -293,3 +356,5 @@ def print_result(result: TrainResult, stream=sys.stdout) -> None:
         )
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}", file=stream)
+    if result.stopped_by is not None:
+        print(f"stopped early by {result.stopped_by}; continue with --resume auto", file=stream)
