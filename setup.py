@@ -26,7 +26,15 @@ EXTRAS = {
     "plot": ["matplotlib>=3.8"],
 }
 EXTRAS["dev"] = sorted(
-    {"pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", *EXTRAS["hf"], *EXTRAS["wandb"], *EXTRAS["plot"]}
+    {
+        "pytest>=8.0",
+        "pytest-timeout>=2.3",
+        "ruff>=0.6",
+        *EXTRAS["deepspeed"],
+        *EXTRAS["hf"],
+        *EXTRAS["wandb"],
+        *EXTRAS["plot"],
+    }
 )
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -239,11 +239,34 @@ class LogConfig:
 
 
 @dataclass(config=SECTION_CONFIG)
+class DeepSpeedConfig:
+    """Settings of the DeepSpeed engine (engine: deepspeed); the rest comes from train.* and parallel.*."""
+
+    config_file: str = ""
+    """Path of a DeepSpeed JSON config merged over the one bigmodel generates: keys bigmodel does not set are
+    added, its tuning keys (bucket sizes, persistence threshold, overlap_comm, ...) are replaced, and a key bigmodel
+    derives from its own fields (batch sizes, accumulation, clipping, ZeRO stage, precision, offload devices) must
+    hold the same value or loading the config fails naming both; optimizer and scheduler sections are refused."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the fp32 master weights and the optimizer state in CPU memory and run the optimizer
+    update there (ZeRO stage 1-3). The update is torch.optim.AdamW's, as in every other layout."""
+    offload_param: bool = False
+    """Keep the parameters in CPU memory between uses (ZeRO stage 3 only)."""
+    bucket_size: int = Field(10_000_000, ge=1)
+    """Elements per communication bucket: DeepSpeed's reduce_bucket_size, allgather_bucket_size and
+    stage3_prefetch_bucket_size. Its own default (5e8) allocates about 2 GB of buffers per rank."""
+    param_persistence_threshold: int = Field(100_000, ge=0)
+    """ZeRO-3: parameters with fewer elements than this stay whole on every rank instead of being partitioned
+    (stage3_param_persistence_threshold); 0 partitions every parameter."""
+
+
+@dataclass(config=SECTION_CONFIG)
 class Config:
     """A whole run."""
 
     engine: Engine = "native"
-    """Training engine: native (torch.distributed) or deepspeed."""
+    """Training engine: native (torch.distributed: every layout) or deepspeed (ZeRO 0-3 with optional CPU offload
+    over data-parallel ranks; see docs/engines.md)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """The model: towers, fusion and heads."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -256,3 +279,5 @@ class Config:
     """When checkpoints are saved and how many are kept."""
     log: LogConfig = Field(default_factory=LogConfig)
     """What is logged, where and how often."""
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    """Settings of the DeepSpeed engine (used with engine: deepspeed only)."""

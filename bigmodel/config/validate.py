@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from bigmodel.config.errors import ConfigError
 from bigmodel.config.schema import Config
 
@@ -14,6 +16,7 @@ def validate_config(cfg: Config) -> None:
     check_schedule(cfg)
     check_data(cfg)
     refuse_unavailable(cfg)
+    check_engine(cfg)
     # Imported here: the parallel package imports torch.distributed, which plain config use does not need.
     from bigmodel.parallel.dims import ParallelDims
 
@@ -136,5 +139,48 @@ def refuse_unavailable(cfg: Config) -> None:
             f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1); "
             "use train.grad_accum to split a step into microbatches without one"
         )
-    if cfg.engine != "native":
-        raise ConfigError(f"engine={cfg.engine} is not available yet; set engine=native")
+
+
+def check_engine(cfg: Config) -> None:
+    """engine=deepspeed: data parallel (ZeRO 0-3) over every process, no tensor or pipeline parallelism, and the
+    DeepSpeed config bigmodel generates (with deepspeed.config_file merged in) free of conflicts."""
+    if cfg.engine != "deepspeed":
+        return
+    p, t, d = cfg.parallel, cfg.train, cfg.deepspeed
+    refused = [
+        ("parallel.pp", p.pp, p.pp > 1, "pipelines run under engine=native; set parallel.pp=1 or engine=native"),
+        ("parallel.tp", p.tp, p.tp > 1, "tensor parallelism runs under engine=native; set parallel.tp=1"),
+        (
+            "parallel.dp_replicate",
+            p.dp_replicate,
+            p.dp_replicate > 1,
+            "DeepSpeed shards over all data-parallel ranks; set parallel.dp_shard to the process count and "
+            "dp_replicate=1, or use engine=native for HSDP",
+        ),
+        ("train.compile", t.compile, t.compile, "set train.compile=false, or engine=native to compile"),
+        (
+            "checkpoint.async_save",
+            cfg.checkpoint.async_save,
+            cfg.checkpoint.async_save,
+            "DeepSpeed writes its checkpoints synchronously; set checkpoint.async_save=false",
+        ),
+    ]
+    for field, value, bad, fix in refused:
+        if bad:
+            raise ConfigError(f"{field}={value} is not supported with engine=deepspeed: {fix}")
+    if d.offload_param and p.zero_stage != 3:
+        raise ConfigError(
+            f"deepspeed.offload_param=true needs parallel.zero_stage=3 (got {p.zero_stage}); set zero_stage=3 "
+            "or offload_param=false"
+        )
+    if d.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError(
+            "deepspeed.offload_optimizer=true needs parallel.zero_stage 1-3 (got 0); raise zero_stage or set "
+            "offload_optimizer=false"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("engine=deepspeed needs the deepspeed package: pip install 'bigmodel[deepspeed]'")
+    # Imported here: the engine module imports torch.distributed, which plain config use does not need.
+    from bigmodel.engines.deepspeed import deepspeed_config
+
+    deepspeed_config(cfg)

@@ -26,19 +26,20 @@ from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
 from bigmodel.parallel.dims import ParallelDims
 
-_TOKEN = re.compile(r"(dp|tp|pp|zero|hsdp|sp|mb|gpipe|1f1b|interleaved|zb)(\d*)")
+_TOKEN = re.compile(r"(dp|tp|pp|zero|hsdp|sp|mb|gpipe|1f1b|interleaved|zb|deepspeed|ds|native)(\d*)")
 _SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zb": "zero_bubble"}
 DEFAULT_PIPELINE_MICROBATCHES = 4
 
 
 def parse_layout(text: str) -> dict[str, object]:
-    """Config overrides for a layout name such as dp2, tp2+sp, zero3x4, dp2xtp2xzero3 or hsdp2x2.
+    """Config overrides for a layout name such as dp2, tp2+sp, zero3x4, dp2xtp2xzero3, hsdp2x2 or ds-zero2x2.
 
-    Parts joined by "x" or "+": dpN (N data-parallel ranks), tpN, ppN, sp (sequence parallel), zeroS (ZeRO stage
+    Parts joined by "x", "+" or "-": dpN (N data-parallel ranks), tpN, ppN, sp (sequence parallel), zeroS (ZeRO stage
     S; "zeroSxN" is shorthand for zeroS with N data-parallel ranks), hsdpRxS (R replicas of S-way ZeRO-3 shards),
-    and for pipelines mbK (K microbatches; default 4) and a schedule: gpipe, 1f1b, interleaved, zb (zero bubble).
+    for pipelines mbK (K microbatches; default 4) and a schedule: gpipe, 1f1b, interleaved, zb (zero bubble); and
+    the engine: ds or deepspeed (engine=deepspeed), native (the default).
     """
-    parts = [p for p in re.split(r"[x+]", text.strip().lower()) if p]
+    parts = [p for p in re.split(r"[x+-]", text.strip().lower()) if p]
     overrides: dict[str, object] = {}
     i = 0
     while i < len(parts):
@@ -51,6 +52,10 @@ def parse_layout(text: str) -> dict[str, object]:
         following = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else None
         if kind == "sp":
             overrides["parallel.sp"] = True
+        elif kind in ("ds", "deepspeed", "native"):
+            if number:
+                raise ConfigError(f"layout {text!r}: {kind} names the engine and takes no number; e.g. ds-zero2x2")
+            overrides["engine"] = "native" if kind == "native" else "deepspeed"
         elif kind in _SCHEDULES:
             overrides["parallel.pp_schedule"] = _SCHEDULES[kind]
         elif not number:

@@ -74,7 +74,7 @@ BAD_OVERRIDES = [
     (["--parallel.sp=true"], "parallel.sp"),
     (["--parallel.microbatches=4"], "parallel.microbatches"),
     (["--parallel.pp_schedule=magic"], "parallel.pp_schedule"),
-    (["--engine=deepspeed"], "engine"),
+    (["--engine=deepspeed", "--parallel.tp=2"], "engine=native"),
     (["--engine=jax"], "engine"),
     (["--log.wandb=maybe"], "log.wandb"),
     (["--checkpoint.keep=0"], "checkpoint.keep"),
