@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue from the newest complete checkpoint in train.out_dir (auto) or from PATH "
         "(same as --checkpoint.resume=...)",
     )
+    # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; LOCAL_RANK in the environment
+    # says the same, so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(func=run, takes_overrides=True)
 
 
