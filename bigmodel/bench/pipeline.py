@@ -1,0 +1,69 @@
+"""(i) Pipeline idle fraction against the theory (p - 1) / (m + p - 1), from the timeline the trainer records.
+
+Two identical towers (6 blocks of width 256 each, 17 tokens), contrastive objective only, so the automatic split
+gives each of the 2 ranks one tower and the stages do equal work, as the theory assumes. Step 3 of 4 is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bigmodel.bench.common import ROOT, Figure
+
+
+def bubble_model(width: int, layers: int) -> list[str]:
+    heads = max(1, width // 64)
+    return [
+        f"--model.vision_width={width}", f"--model.vision_heads={heads}", f"--model.vision_mlp_dim={4 * width}",
+        f"--model.vision_layers={layers}", f"--model.text_width={width}", f"--model.text_heads={heads}",
+        f"--model.text_mlp_dim={4 * width}", f"--model.text_layers={layers}", "--model.context_length=17",
+        f"--model.embed_dim={width // 2}", "--model.fusion=none", "--model.fusion_layers=0",
+        "--train.loss_weights.itm=0", "--train.loss_weights.mlm=0",
+    ]  # fmt: skip
+
+
+def run_bubble(
+    out: Path, schedule: str = "1f1b", microbatches: int = 8, microbatch_size: int = 64, quick: bool = False
+) -> dict[str, Any]:
+    """Train 4 steps with p = 2 pipeline ranks, record step 3 and return the timeline summary plus the ratio."""
+    model = bubble_model(64, 2) if quick else bubble_model(256, 6)
+    train = [
+        "--config", str(ROOT / "configs" / "tiny.yaml"), *model,
+        "--parallel.pp=2", f"--parallel.pp_schedule={schedule}", f"--parallel.microbatches={microbatches}",
+        f"--train.global_batch_size={microbatches * microbatch_size}", "--train.steps=4",
+        "--log.pp_timeline_step=3", "--log.progress=false", "--log.wandb=disabled", "--checkpoint.save_final=false",
+        "--data.eval_size=2", "--train.eval_batch_size=16", f"--train.out_dir={out}",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bigmodel.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*cmd, *train], cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"pipeline run failed:\n{result.stderr[-3000:]}")
+    summary = json.loads((out / "timeline_summary.json").read_text())
+    busy = summary["busy_ms_per_rank"]
+    ratio = summary["measured_bubble"] / summary["theoretical_bubble"]
+    return summary | {"measured_over_theory": ratio, "stage_balance": min(busy) / max(busy)}
+
+
+def pipeline_bubble(quick: bool = False) -> Figure:
+    """The 1F1B idle fraction, p = 2, m = 8 (quick: m = 4, 8 samples per microbatch, a 2-block model)."""
+    microbatches, size = (4, 8) if quick else (8, 64)
+    with tempfile.TemporaryDirectory(prefix="bigmodel-bench-pp-") as tmp:
+        summary = run_bubble(Path(tmp), "1f1b", microbatches, size, quick)
+    return Figure(
+        name="pipeline_bubble_1f1b",
+        title=f"pipeline idle fraction, 1F1B p=2 m={microbatches}: measured / theory (p-1)/(m+p-1)",
+        ratio=summary["measured_over_theory"],
+        target=1.1,
+        direction="<=",
+        baseline={"label": "theory", "value": summary["theoretical_bubble"], "unit": "fraction"},
+        candidate={"label": "measured", "value": summary["measured_bubble"], "unit": "fraction"},
+        command=f"python bench/pipeline_bubble.py --microbatches {microbatches} --microbatch-size {size}",
+        details={k: v for k, v in summary.items() if k not in ("measured_bubble", "theoretical_bubble")},
+    )
