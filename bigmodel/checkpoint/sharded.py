@@ -215,12 +215,20 @@ def _start_save(
 def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:
     """Load the checkpoint at `path` into `engine`, whatever layout it was saved from, and return its `extra`.
 
-    Every rank calls it; it does not check the files' checksums (verify_manifest does).
+    Every rank calls it; it does not check the files' checksums (verify_manifest does). A pickled object that is not
+    plain checkpoint data raises UnsafeCheckpointError (a ValueError) without being run.
     """
+    from bigmodel.checkpoint.safe import load_dcp
+
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"checkpoint {path} has format {manifest.get('format')}, not {FORMAT}; a deepspeed-engine checkpoint "
+            "resumes with engine=deepspeed, or converts with `bigmodel ckpt from-deepspeed`"
+        )
     state = engine_state_dict(engine)
-    dcp.load(state, checkpoint_id=path)
+    load_dcp(state, path)  # never unpickles code from the checkpoint (bigmodel.checkpoint.safe)
     load_engine_state_dict(engine, state)
     return manifest["extra"]
 

@@ -11,24 +11,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from tqdm import tqdm
 
 from bigmodel.checkpoint.hf import (
     bigmodel_key,
     clip_config_from_model_config,
-    clip_key,
     clip_to_bigmodel_state_dict,
     model_config_from_clip_config,
 )
 from bigmodel.checkpoint.run import resolve_checkpoint, save_checkpoint
+from bigmodel.checkpoint.safe import SafeReader, load_dcp
 from bigmodel.checkpoint.sharded import MANIFEST_FILE, read_manifest, verify_manifest
 
 MODEL_PREFIX = "model."
@@ -56,8 +56,8 @@ def saved_config(path: Path) -> dict[str, Any]:
     return config
 
 
-class _OnceReadReader(FileSystemReader):
-    """A FileSystemReader that unpickles DCP's index once: dcp.load reads it again on every call, which dominates
+class OnceReadReader(SafeReader):
+    """A SafeReader that unpickles DCP's index once: dcp.load reads it again on every call, which dominates
     loading a checkpoint tensor by tensor (about 20 ms per call for a 300 kB index)."""
 
     def __init__(self, path: Path) -> None:
@@ -76,7 +76,7 @@ class ModelTensors:
     """
 
     def __init__(self, path: Path) -> None:
-        self.reader = _OnceReadReader(path)
+        self.reader = OnceReadReader(path)
         self.shapes: dict[str, TensorStorageMetadata] = {
             key.removeprefix(MODEL_PREFIX): meta
             for key, meta in self.reader.read_metadata().state_dict_metadata.items()
@@ -87,7 +87,7 @@ class ModelTensors:
         meta = self.shapes[name]
         key = MODEL_PREFIX + name
         state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)}
-        dcp.load(state, storage_reader=self.reader)
+        load_dcp(state, self.reader, collective=False)
         return state[key]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -178,26 +178,30 @@ def diff_checkpoints(a: str | Path, b: str | Path, tol: float = 0.0) -> list[Ten
     return rows
 
 
-def consolidate(path: str | Path, out_file: str | Path) -> Path:
-    """Write the model's full weights of the checkpoint at `path` to the safetensors file `out_file` (tensors named
-    by fqn, without "model."), and the checkpoint's resolved config to config.json beside it. Returns out_file.
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor to write: its name, dtype and shape in the file, and how to read it (called once, when written)."""
 
-    Streams: the header is built from DCP's index, then each tensor is loaded and written in turn.
-    """
-    path, out_file = resolve_checkpoint(path), Path(out_file)
-    config = saved_config(path)
-    tensors = ModelTensors(path)
-    shapes = sorted(tensors.shapes.items())
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "step": str(read_manifest(path).get("step"))}}
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def write_safetensors(
+    out_file: Path, entries: list[SafetensorsEntry], metadata: dict[str, str], progress: bool = False
+) -> Path:
+    """Write `entries` to the safetensors file `out_file` one tensor at a time (the header first, from the entries'
+    shapes), so memory stays near the largest tensor. Returns out_file."""
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name, meta in shapes:
-        dtype = meta.properties.dtype
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name} has dtype {dtype}, which this writer does not support")
-        size = _numel(meta) * dtype.itemsize
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
-            "shape": list(meta.size),
+    for entry in entries:
+        if entry.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {entry.name} has dtype {entry.dtype}, which this writer does not support")
+        size = torch.Size(entry.shape).numel() * entry.dtype.itemsize
+        header[entry.name] = {
+            "dtype": _SAFETENSORS_DTYPES[entry.dtype],
+            "shape": list(entry.shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -207,50 +211,107 @@ def consolidate(path: str | Path, out_file: str | Path) -> Path:
     with open(out_file, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for name, _ in shapes:
+        for entry in tqdm(entries, desc=out_file.name, unit="tensor", disable=not progress):
+            tensor = entry.read()
+            if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise ValueError(f"tensor {entry.name} is {tensor.dtype} {tuple(tensor.shape)}, not {entry.shape}")
             # safetensors stores little-endian data; so does every platform torch runs on.
-            f.write(tensors.read(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return out_file
+
+
+def consolidate(path: str | Path, out_file: str | Path, progress: bool = False) -> Path:
+    """Write the model's full weights of the checkpoint at `path` to the safetensors file `out_file` (tensors named
+    by fqn, without "model."), and the checkpoint's resolved config to config.json beside it. Returns out_file.
+
+    The checkpoint's files are checked against its manifest first (ValueError naming the first bad one). Streams
+    tensor by tensor (write_safetensors); `progress` shows a bar.
+    """
+    path, out_file = resolve_checkpoint(path), Path(out_file)
+    verify_manifest(path)
+    config = saved_config(path)
+    tensors = ModelTensors(path)
+    entries = [
+        SafetensorsEntry(name, meta.properties.dtype, tuple(meta.size), partial(tensors.read, name))
+        for name, meta in sorted(tensors.shapes.items())
+    ]
+    write_safetensors(out_file, entries, {"format": "pt", "step": str(read_manifest(path).get("step"))}, progress)
     (out_file.parent / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out_file
 
 
-def export_hf(path: str | Path, out_dir: str | Path) -> Path:
-    """A transformers CLIPModel directory (config.json, model.safetensors) at `out_dir` computing what the
-    checkpoint's dual encoder computes; loads with `CLIPModel.from_pretrained(out_dir)`. Returns out_dir.
+def export_hf(path: str | Path, out_dir: str | Path, progress: bool = False) -> Path:
+    """A transformers directory (config.json, model.safetensors) at `out_dir` computing what the checkpoint's model
+    computes, written tensor by tensor. Returns out_dir.
 
-    Only fusion none with the contrastive objective alone converts; anything else is a one-line ValueError.
-    The token ids are bigmodel's fixed ones ([PAD]=0, [BOS]=3, [EOS]=4), which every bigmodel tokenizer uses.
+    fusion none with the contrastive objective alone: a CLIPModel (`CLIPModel.from_pretrained(out_dir)` or
+    `AutoModel.from_pretrained(out_dir)`, no custom code). Any other model: a `bigmodel.hf.BigmodelModel` that
+    `AutoModel.from_pretrained(out_dir)` loads after `import bigmodel.hf`. The CLIP token ids are bigmodel's fixed
+    ones ([PAD]=0, [BOS]=3, [EOS]=4), which every bigmodel tokenizer uses. The files are checked against the
+    manifest first.
     """
-    from transformers import CLIPModel
-
     from bigmodel.config.load import config_from_dict
 
-    path = resolve_checkpoint(path)
-    cfg = config_from_dict(saved_config(path))
-    if cfg.model.fusion != "none":
-        raise ValueError(
-            f"checkpoint {path} has model.fusion={cfg.model.fusion}; only model.fusion=none exports to CLIPModel "
-            "for now"
-        )
-    clip = CLIPModel(clip_config_from_model_config(cfg.model))
-    targets = clip.state_dict()
-    filled = set()
-    with torch.no_grad():
-        for name, tensor in ModelTensors(path):
-            target_name = clip_key(name)
-            target = targets[target_name]
-            if tensor.shape != target.shape and not tensor.numel() == target.numel() == 1:  # logit_scale: (1,), ()
-                raise ValueError(
-                    f"tensor {name} has shape {tuple(tensor.shape)}, CLIPModel's {target_name} {tuple(target.shape)}"
-                )
-            target.copy_(tensor.reshape(target.shape))
-            filled.add(target_name)
-    missing = sorted(name for name in targets.keys() - filled if bigmodel_key(name) is not None)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks the tensor for CLIPModel's {missing[0]}")
-    out_dir = Path(out_dir)
-    clip.save_pretrained(out_dir)
+    path, out_dir = resolve_checkpoint(path), Path(out_dir)
+    verify_manifest(path)
+    saved = saved_config(path)
+    cfg = config_from_dict(saved)
+    tensors = ModelTensors(path)
+    objectives = [name for name, weight in saved["train"]["loss_weights"].items() if weight > 0]
+    metadata = {"format": "pt"}
+    if cfg.model.fusion != "none" or objectives != ["contrastive"]:
+        from bigmodel.hf import BigmodelConfig
+
+        BigmodelConfig(model=dataclasses.asdict(cfg.model), objectives=objectives).save_pretrained(out_dir)
+        entries = [
+            SafetensorsEntry(f"encoder.{name}", meta.properties.dtype, tuple(meta.size), partial(tensors.read, name))
+            for name, meta in sorted(tensors.shapes.items())
+        ]
+        write_safetensors(out_dir / "model.safetensors", entries, metadata, progress)
+        return out_dir
+    clip_config = clip_config_from_model_config(cfg.model)
+    clip_config.save_pretrained(out_dir)
+    write_safetensors(out_dir / "model.safetensors", _clip_entries(path, tensors, clip_config), metadata, progress)
     return out_dir
+
+
+def _clip_entries(path: Path, tensors: ModelTensors, clip_config: Any) -> list[SafetensorsEntry]:
+    """CLIPModel's tensors, each read from the bigmodel tensor it maps to; shapes from a CLIPModel on the meta
+    device (which holds no memory). ValueError (one line) for a missing or misshapen tensor."""
+    from transformers import CLIPModel
+
+    with torch.device("meta"):
+        targets = CLIPModel(clip_config).state_dict()
+    entries = []
+    for clip_name, target in sorted(targets.items()):
+        name = bigmodel_key(clip_name)
+        if name is None:  # a buffer CLIPModel rebuilds
+            continue
+        if name not in tensors.shapes:
+            raise ValueError(f"checkpoint {path} lacks the tensor for CLIPModel's {clip_name}")
+        size = tensors.shapes[name].size
+        if tuple(size) != tuple(target.shape) and not size.numel() == target.numel() == 1:  # logit_scale: (1,), ()
+            raise ValueError(f"tensor {name} has shape {tuple(size)}, CLIPModel's {clip_name} {tuple(target.shape)}")
+
+        def read(name: str = name, shape: torch.Size = target.shape) -> torch.Tensor:
+            return tensors.read(name).reshape(shape)
+
+        entries.append(SafetensorsEntry(clip_name, target.dtype, tuple(target.shape), read))
+    extra = sorted(set(tensors.shapes) - {bigmodel_key(n) for n in targets})
+    if extra:
+        raise ValueError(f"bigmodel tensor {extra[0]!r} has no CLIPModel counterpart")
+    return entries
+
+
+def require_safetensors(hf_dir: Path) -> None:
+    """FileNotFoundError (one line) unless the transformers directory `hf_dir` holds its weights as safetensors:
+    bigmodel never reads pytorch_model.bin, a pickle that can run code when loaded."""
+    if not any((hf_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise FileNotFoundError(
+            f"{hf_dir} has no model.safetensors; bigmodel loads only safetensors weights (a pytorch_model.bin is a "
+            "pickle that can run code), so save the model with save_pretrained(..., safe_serialization=True)"
+        )
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str = "builtin") -> Path:
@@ -271,9 +332,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str = "builtin") -
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} is not a transformers model directory (no config.json)")
+    require_safetensors(hf_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; import into a new directory")
-    clip = CLIPModel.from_pretrained(hf_dir)
+    clip = CLIPModel.from_pretrained(hf_dir, use_safetensors=True)
     model = model_config_from_clip_config(clip.config)
     vocab = load_tokenizer(tokenizer).vocab_size
     if vocab > model.vocab_size:
@@ -298,4 +360,4 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str = "builtin") -
         "config": config_to_dict(cfg),
         "imported_from": str(hf_dir),
     }
-    return save_checkpoint(out, 0, engine, extra, keep=1, is_main=True)
+    return save_checkpoint(out, 0, engine, extra, keep=1)

@@ -33,10 +33,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     consolidate.add_argument("out", help="the .safetensors file to write (config.json goes beside it)")
     consolidate.set_defaults(func=run_consolidate)
 
-    export = commands.add_parser("export-hf", help="a transformers CLIPModel directory (fusion none only)")
+    export = commands.add_parser(
+        "export-hf",
+        help="a transformers directory: CLIPModel (fusion none), else bigmodel_encoder (AutoModel after import "
+        "bigmodel.hf)",
+    )
     export.add_argument("path", help=CHECKPOINT_HELP)
     export.add_argument("out", help="directory to write config.json and model.safetensors to")
     export.set_defaults(func=run_export_hf)
+
+    reshard = commands.add_parser(
+        "reshard",
+        help="rewrite a checkpoint cut for another layout (each rank reads only its own slices), or as one file",
+        description="Rewrite a checkpoint so that every stored chunk is one rank's slice of the target layout, in "
+        "that rank's own file (checkpoints load into any layout without this; resharding saves each rank reading "
+        "and cutting whole tensors). Model, optimizer state, schedule and data position are kept. --to single writes "
+        "the model's weights as one safetensors file instead (as consolidate does).",
+    )
+    reshard.add_argument("path", help=CHECKPOINT_HELP)
+    reshard.add_argument("out", help="a new checkpoint folder (or, with --to single, the .safetensors file)")
+    reshard.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the target (default 1)")
+    reshard.add_argument("--pp", type=int, default=1, help="pipeline stages of the target (default 1)")
+    reshard.add_argument("--dp", type=int, default=1, help="data-parallel degree of the target (default 1)")
+    reshard.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="ZeRO stage (default: the saved one if dp > 1)",
+    )
+    reshard.add_argument("--to", choices=("layout", "single"), default="layout", help="single: one safetensors file")
+    reshard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    reshard.epilog = (
+        "Other target parallel settings (pipeline schedule, microbatches, ...) come from the saved config; override "
+        "them as --parallel.key=value."
+    )
+    reshard.set_defaults(func=run_reshard, takes_overrides=True)
+
+    deepspeed = commands.add_parser(
+        "from-deepspeed",
+        help="a DeepSpeed checkpoint (bigmodel engine: deepspeed) as a bigmodel checkpoint",
+        description="Convert a checkpoint saved by the DeepSpeed engine into bigmodel's sharded format, which "
+        "every bigmodel tool, resume and the native engine read.",
+    )
+    deepspeed.add_argument("path", help="the DeepSpeed checkpoint directory (the run's checkpoint folder)")
+    deepspeed.add_argument("out", help="a new bigmodel run directory or checkpoint folder")
+    deepspeed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    deepspeed.set_defaults(func=run_from_deepspeed)
 
     imp = commands.add_parser("import-hf", help="a CLIPModel directory as a bigmodel run with a step-0 checkpoint")
     imp.add_argument("hf_dir", help="a directory CLIPModel.from_pretrained loads")
@@ -98,4 +140,37 @@ def run_import_hf(args: argparse.Namespace) -> int:
     from bigmodel.checkpoint.tools import import_hf
 
     print(f"wrote {import_hf(args.hf_dir, args.out, args.tokenizer)}")
+    return 0
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    from bigmodel.checkpoint.reshard import reshard_checkpoint, target_layout
+
+    if args.to == "single":
+        if args.overrides or (args.tp, args.pp, args.dp, args.zero_stage) != (1, 1, 1, None):
+            raise ValueError(
+                "--to single writes one file for one process; drop --tp/--pp/--dp/--zero-stage/--parallel.*"
+            )
+        print(f"wrote {reshard_checkpoint(args.path, args.out, 'single', progress=not args.no_progress)}")
+        return 0
+    parallel = {}
+    for item in args.overrides:
+        key, _, value = item.removeprefix("--").partition("=")
+        if not key.startswith("parallel."):
+            raise ValueError(f"{item}: reshard takes only --parallel.key=value overrides")
+        parallel[key.removeprefix("parallel.")] = value
+    layout = target_layout(args.path, args.tp, args.pp, args.dp, args.zero_stage, **parallel)
+    out = reshard_checkpoint(args.path, args.out, layout, progress=not args.no_progress)
+    print(f"wrote {out} for tp={layout.tp} x pp={layout.pp} x dp={layout.dp_shard} (ZeRO-{layout.zero_stage})")
+    return 0
+
+
+def run_from_deepspeed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from bigmodel.checkpoint.deepspeed import from_deepspeed
+    except ImportError as err:
+        raise ValueError(f"from-deepspeed is not available in this installation ({err})") from None
+    print(f"wrote {from_deepspeed(Path(args.path), Path(args.out), progress=not args.no_progress)}")
     return 0

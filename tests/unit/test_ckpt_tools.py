@@ -16,6 +16,7 @@ pytest.importorskip("transformers")  # the optional `hf` extra
 from safetensors.torch import load_file
 from transformers import CLIPModel
 
+from bigmodel.checkpoint.reshard import reshard_checkpoint, target_layout
 from bigmodel.checkpoint.sharded import load_sharded
 from bigmodel.checkpoint.tools import consolidate, diff_checkpoints, export_hf, import_hf, inspect_checkpoint
 from bigmodel.cli import ckpt
@@ -120,9 +121,60 @@ def test_export_hf_computes_the_same_embeddings(clip_run: Path, tmp_path: Path) 
         torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-def test_export_hf_refuses_fused_models(fused_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"^checkpoint .* model\.fusion=cross; only model\.fusion=none [^\n]*$"):
-        export_hf(fused_run, tmp_path / "hf")
+@pytest.mark.parametrize("fusion", ["cross", "merged"])
+def test_export_hf_of_fused_models_loads_with_automodel(fusion: str, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    import bigmodel.hf  # registers bigmodel_encoder with AutoConfig / AutoModel
+
+    checkpoint = train_run("configs/tiny.yaml", tmp_path / "run", f"--model.fusion={fusion}")
+    exported = AutoModel.from_pretrained(export_hf(checkpoint, tmp_path / "hf")).eval()
+    assert isinstance(exported, bigmodel.hf.BigmodelModel)
+    cfg = config_from_dict(json.loads((checkpoint / "manifest.json").read_text())["extra"]["config"])
+    batch = next(iter(build_eval_loader(cfg, 16)))
+    with torch.no_grad():
+        ours = loaded_model(checkpoint)(batch)
+        theirs = exported(
+            **{k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")}
+        )
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():  # the same module code on the same weights: equal (the bound is 1e-5)
+        torch.testing.assert_close(theirs[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_reshard_keeps_every_tensor_and_records_the_layout(fused_run: Path, tmp_path: Path) -> None:
+    out = reshard_checkpoint(fused_run, tmp_path / "tp2_dp2", target_layout(fused_run, tp=2, pp=1, dp=2, zero_stage=3))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 4 and manifest["layout"]["tp"] == 2 and manifest["layout"]["zero_stage"] == 3
+    assert sorted(manifest["files"]) == [".metadata", *(f"__{r}_0.distcp" for r in range(4))]
+    assert all(row.ok and row.max_abs == 0 for row in diff_checkpoints(fused_run, out))
+    loaded, original = loaded_model(out).state_dict(), loaded_model(fused_run).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in original.items())
+    single = reshard_checkpoint(fused_run, tmp_path / "one.safetensors", "single")
+    assert load_file(single).keys() == original.keys()
+
+
+def test_reshard_refuses_layouts_the_model_cannot_take(fused_run: Path, tmp_path: Path, capsys) -> None:
+    cases = {
+        ("--tp", "3"): "parallel.tp=3 does not divide model.vision_heads=2",
+        ("--pp", "9", "--parallel.pp_schedule=gpipe", "--parallel.microbatches=8"): "need at least as many Transformer",
+    }
+    for args, message in cases.items():
+        assert cli_main.main(["ckpt", "reshard", str(fused_run), str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert cli_main.main(["ckpt", "reshard", str(fused_run), str(tmp_path / "y"), "--tp", "2", "--no-progress"]) == 0
+    assert cli_main.main(["ckpt", "reshard", str(fused_run), str(tmp_path / "y"), "--tp", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    single = tmp_path / "single.safetensors"
+    assert cli_main.main(["ckpt", "reshard", str(fused_run), str(single), "--to", "single", "--no-progress"]) == 0
+    assert single.is_file()
+
+
+def test_from_deepspeed_front_names_a_wrong_input(fused_run: Path, tmp_path: Path, capsys) -> None:
+    assert cli_main.main(["ckpt", "from-deepspeed", str(fused_run), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a deepspeed-engine checkpoint" in err and err.count("\n") == 1
 
 
 def test_export_import_round_trip_is_exact_and_resumable(clip_run: Path, tmp_path: Path) -> None:

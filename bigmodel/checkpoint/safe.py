@@ -1,0 +1,153 @@
+"""Loading DCP checkpoints without running code they might carry.
+
+torch.distributed.checkpoint (torch 2.13) unpickles two things on load with Python's full pickle: the `.metadata`
+index (`FileSystemReader.read_metadata`, `pickle.load`) and every non-tensor item of the state dict
+(`DefaultLoadPlanner.load_bytes`, `torch.load(weights_only=False)`; ours are the optimizer's hyper-parameters and
+the LR schedule). A crafted checkpoint could run any code there, and a checksum in the manifest does not help: whoever
+crafts the shards writes the manifest too. Tensor data is already read with `torch.load(weights_only=True)`.
+
+`SafeReader` unpickles the index with an allow-list of DCP's own metadata classes, and `SafeLoadPlanner` reads
+non-tensor items with `torch.load(weights_only=True)` (plain numbers, strings, tuples, lists, dicts, None). Either
+refuses anything else with `UnsafeCheckpointError`, a one-line ValueError naming the file, before building the
+object. Every bigmodel load of a DCP checkpoint goes through `load_dcp` or these two classes.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import ReadItem
+
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+# Everything torch 2.13's DCP writes into `.metadata`; each is a plain record or a lookup by name, so building one
+# from attacker-chosen arguments runs no attacker-chosen code.
+_METADATA_GLOBALS = frozenset(
+    {
+        (_METADATA_MODULE, "Metadata"),
+        (_METADATA_MODULE, "MetadataIndex"),
+        (_METADATA_MODULE, "StorageMeta"),
+        (_METADATA_MODULE, "TensorProperties"),
+        (_METADATA_MODULE, "TensorStorageMetadata"),
+        (_METADATA_MODULE, "ChunkStorageMetadata"),
+        (_METADATA_MODULE, "BytesStorageMetadata"),
+        (_METADATA_MODULE, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickled object that is not plain checkpoint data; nothing of it was run."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata records and torch dtypes; refuses every other global before importing it."""
+
+    def __init__(self, file: io.BufferedIOBase, source: Path) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self.source} holds a pickled {module}.{name}, which is not DCP checkpoint metadata; refusing to "
+            "load it (the checkpoint is crafted or not a DCP checkpoint)"
+        )
+
+
+def read_dcp_metadata(file: Path) -> Metadata:
+    """DCP's index at `file` (a `.metadata`), unpickled with the allow-list; UnsafeCheckpointError otherwise."""
+    with open(file, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f, file).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as err:  # truncated or garbage: any unpickling error
+            raise ValueError(f"{file} is not a readable DCP index ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{file} holds a {type(metadata).__name__}, not DCP checkpoint metadata")
+    return metadata
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose index is unpickled by `read_dcp_metadata` (tensor data is weights_only already)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        metadata = read_dcp_metadata(Path(self._get_metadata_path(rank)))
+        # What FileSystemReader.read_metadata adds after unpickling (torch 2.13).
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads non-tensor items with torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                f"checkpoint item {fqn} holds a pickled {_refused_global(err)}, which is not plain data; refusing to "
+                "load it (the checkpoint is crafted or corrupt)"
+            ) from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def _refused_global(err: Exception) -> str:
+    """The global torch's weights_only unpickler refused, from its message (which otherwise advises
+    weights_only=False: exactly what must not be done with an untrusted file)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return found[1] if found else "object"
+
+
+def load_dcp(state: dict[str, Any], path: str | Path | SafeReader, collective: bool = True) -> None:
+    """`dcp.load(state, ...)` from the checkpoint folder `path` (or a SafeReader of it), without unpickling code.
+
+    collective: every rank of the default process group calls this together (as training does); False for a
+    process that reads on its own (the offline tools), even where a process group exists.
+    """
+    reader = path if isinstance(path, SafeReader) else SafeReader(path)
+    reader.read_metadata()  # refused here, in one line: inside dcp.load the error is folded into an AssertionError
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not collective)
+    except CheckpointException as err:
+        # DCP wraps what a step raised on each rank; a refusal (or another bad-input error) is re-raised as itself.
+        for exception, _ in err.failures.values():
+            if isinstance(exception, ValueError):
+                raise exception from None
+            if isinstance(exception, pickle.UnpicklingError):  # a tensor item that is not a tensor (weights_only)
+                raise UnsafeCheckpointError(
+                    f"checkpoint {reader.path}: a tensor item holds a pickled {_refused_global(exception)}, which is "
+                    "not tensor data; refusing to load it (the checkpoint is crafted or corrupt)"
+                ) from None
+        raise
