@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from bigmodel.parallel.context import ParallelContext
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Engine(ABC):
 
     model: nn.Module
     device: torch.device
+    ctx: ParallelContext
 
     @abstractmethod
     def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]], capture_grads: bool = False) -> StepStats:
@@ -47,6 +51,15 @@ class Engine(ABC):
     @abstractmethod
     def forward_eval(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model outputs for `batch` without gradients (eval mode)."""
+
+    def mean_over_data_parallel(self, sums: dict[str, torch.Tensor], microbatches: int) -> dict[str, float]:
+        """Per-microbatch means of the logged losses, averaged over data-parallel ranks (one all-reduce)."""
+        names = list(sums)
+        stacked = torch.stack([sums[n] for n in names]) / microbatches
+        if self.ctx.dp_group is not None:
+            dist.all_reduce(stacked, group=self.ctx.dp_group)
+            stacked /= self.ctx.dims.dp
+        return dict(zip(names, stacked.tolist(), strict=True))
 
     def save_checkpoint(
         self, path: Path, extra: dict[str, Any], on_complete: Callable[[Path], None] | None = None

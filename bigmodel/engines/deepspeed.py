@@ -263,15 +263,6 @@ class DeepSpeedEngine(Engine):
             grads=grads,
         )
 
-    def mean_over_data_parallel(self, sums: dict[str, torch.Tensor], microbatches: int) -> dict[str, float]:
-        """Per-microbatch means of the logged losses, averaged over data-parallel ranks (one all-reduce)."""
-        names = list(sums)
-        stacked = torch.stack([sums[n] for n in names]) / microbatches
-        if self.ctx.dp_group is not None:
-            dist.all_reduce(stacked, group=self.ctx.dp_group)
-            stacked /= self.ctx.dims.dp
-        return dict(zip(names, stacked.tolist(), strict=True))
-
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Whole, data-parallel-averaged gradients by parameter name, after the last backward of a step and before
         clipping (a collective at ZeRO 1-3: every rank calls it)."""

@@ -9,7 +9,6 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -131,15 +130,6 @@ class NativeEngine(Engine):
             assert grad is not None, name
             full[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
         return full
-
-    def mean_over_data_parallel(self, sums: dict[str, torch.Tensor], microbatches: int) -> dict[str, float]:
-        """Per-microbatch means of the logged losses, averaged over data-parallel ranks (one all-reduce)."""
-        names = list(sums)
-        stacked = torch.stack([sums[n] for n in names]) / microbatches
-        if self.ctx.dp_group is not None:
-            dist.all_reduce(stacked, group=self.ctx.dp_group)
-            stacked /= self.ctx.dims.dp
-        return dict(zip(names, stacked.tolist(), strict=True))
 
     def logit_scale(self) -> float | None:
         head = getattr(self.model, "contrastive", None)
