@@ -1,62 +1,166 @@
-"""The one place that reads a launcher's environment: torchrun, Slurm's srun and MPI (mpirun / DeepSpeed)."""
+"""The one place that reads a launcher's environment: torchrun (and the deepspeed launcher, which sets the same
+names), Open MPI, MPICH / Intel MPI, and Slurm's srun.
+
+Each launcher's variables are read as a set, never mixed: inside a Slurm allocation torchrun's RANK is what counts,
+and the batch shell's SLURM_* variables (which describe the allocation, not this process) are ignored.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from typing import Literal
+
+Launcher = Literal["torchrun", "openmpi", "mpich", "slurm", "none"]
+
+DEFAULT_MASTER_PORT = 29500
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+TIMEOUT_VARIABLE = "BIGMODEL_COLLECTIVE_TIMEOUT"
 
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits in the job."""
+    """Where this process sits in the job, and where the job's processes meet (master_addr:master_port; the
+    address is empty when a multi-node launcher did not say)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    launcher: Launcher = "none"
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
 
-# Variable names per launcher, in order of preference: torchrun sets the first, srun the second, MPI the third.
-_SOURCES = {
-    "rank": ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
-    "world_size": ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
-    "local_rank": ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
-    "local_world_size": ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"),
+# (rank, world size, local rank, local world size) per launcher, in order of precedence. torchrun comes first: under
+# srun or mpirun it is the innermost launcher. MPI comes before Slurm because mpirun inside an allocation inherits
+# the allocation's SLURM_* variables. The deepspeed launcher sets LOCAL_SIZE where torchrun sets LOCAL_WORLD_SIZE.
+_VARIABLES: dict[Launcher, tuple[str, str, str, tuple[str, ...]]] = {
+    "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")),
+    "openmpi": (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        ("OMPI_COMM_WORLD_LOCAL_SIZE",),
+    ),
+    "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", ("MPI_LOCALNRANKS",)),
+    # Only srun's tasks have SLURM_STEP_NUM_TASKS; a batch shell has SLURM_PROCID=0 but is not a task of a step.
+    "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", ()),
 }
 
 
-def _first_int(names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value:
-            try:
-                # SLURM_NTASKS_PER_NODE can read "2(x3)"; the count before the parenthesis is ours.
-                return int(value.split("(")[0])
-            except ValueError:
-                raise ValueError(f"environment variable {name}={value!r} is not an integer; fix the launcher") from None
-    return default
+def _int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer; fix the launcher") from None
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list as names: "gpu[01-03,07],login1" -> gpu01, gpu02, gpu03, gpu07, login1."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", hostlist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            width = len(first)
+            for number in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{number:0{width}d}")
+    return hosts
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """The task count of node `node_id` from Slurm's per-node list: "2(x3),1" means 2, 2, 2, 1."""
+    counts = []
+    for item in tasks_per_node.split(","):
+        count, _, repeat = item.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def _launcher() -> Launcher:
+    for name, (rank, world, _, _) in _VARIABLES.items():
+        if os.environ.get(rank) and os.environ.get(world):
+            return name
+    return "none"
+
+
+def _local_world_size(launcher: Launcher, world: int) -> int:
+    if launcher == "slurm":
+        per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
+        return tasks_on_node(per_node, _int("SLURM_NODEID")) if per_node else world
+    for name in _VARIABLES[launcher][3]:
+        if os.environ.get(name):
+            return _int(name)
+    return world
+
+
+def _master_addr(launcher: Launcher, local_world: int, world: int) -> str:
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if launcher == "slurm" and nodelist:
+        return expand_hostlist(nodelist)[0]
+    return "127.0.0.1" if local_world == world else ""  # several nodes, and nothing says where rank 0 runs
+
+
+def _master_port() -> int:
+    if os.environ.get("MASTER_PORT"):
+        return _int("MASTER_PORT")
+    job = os.environ.get("SLURM_JOB_ID")
+    # Jobs that share a first node must not meet on the same port: derive it from the job id.
+    return 20000 + int(job) % 10000 if job and job.isdigit() else DEFAULT_MASTER_PORT
 
 
 def read_dist_env() -> DistEnv:
-    """Rank, world size, local rank and local world size from whichever launcher started this process."""
-    world = _first_int(_SOURCES["world_size"], 1)
-    local_world = _first_int(_SOURCES["local_world_size"], 1 if world == 1 else world)
+    """Rank, world size, local rank, local world size and meeting point from whichever launcher started this
+    process (a single process when none did). Raises ValueError (one line) on a malformed variable."""
+    launcher = _launcher()
+    if launcher == "none":
+        return DistEnv()
+    rank_name, world_name, local_name, _ = _VARIABLES[launcher]
+    world = _int(world_name)
+    local_world = _local_world_size(launcher, world)
     return DistEnv(
-        rank=_first_int(_SOURCES["rank"], 0),
+        rank=_int(rank_name),
         world_size=world,
-        local_rank=_first_int(_SOURCES["local_rank"], 0),
+        local_rank=_int(local_name) if os.environ.get(local_name) else 0,
         local_world_size=local_world,
+        master_addr=_master_addr(launcher, local_world, world),
+        master_port=_master_port(),
+        launcher=launcher,
     )
 
 
-def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float = 600.0) -> None:
+def collective_timeout_s() -> float:
+    """Seconds any collective may wait for its peers: BIGMODEL_COLLECTIVE_TIMEOUT, default 600."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
+    if not value:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_VARIABLE}={value!r} must be a positive number of seconds, e.g. 600")
+    return seconds
+
+
+def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float | None = None) -> None:
     """Join the job's process group (gloo on CPU, nccl on GPUs) when more than one process runs.
 
-    The timeout bounds every collective, so a dead peer ends the job with an error instead of a hang.
+    Processes started by MPI or srun get torchrun's variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE) from `env` where they are unset, so every library in the process reads one story.
+    The timeout (default: collective_timeout_s()) bounds every collective, so a dead or stuck peer ends the job
+    with an error instead of a hang.
     """
     import datetime
 
@@ -65,8 +169,23 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float 
 
     if not env.distributed or dist.is_initialized():
         return
+    if not env.master_addr:
+        raise ValueError(
+            f"MASTER_ADDR is not set and {env.launcher} does not say where rank 0 runs; "
+            "export MASTER_ADDR=<first node's address> (and MASTER_PORT) before starting the job"
+        )
+    for name, value in (
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_RANK", env.local_rank),
+        ("LOCAL_WORLD_SIZE", env.local_world_size),
+    ):
+        os.environ.setdefault(name, str(value))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else collective_timeout_s())
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def exit_distributed(code: int = 0) -> None:

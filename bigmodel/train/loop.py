@@ -265,7 +265,8 @@ class Trainer:
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 self.run_eval(step)
             self.finish_save(only_if_done=True)
-            stopped_at = self.stop_requested(step, checkpoint)
+            # A stop at the last step is no stop: the run ends normally below (and a requeued job need not start).
+            stopped_at = self.stop_requested(step, checkpoint) if step < cfg.steps else None
             if stopped_at is not None:
                 bar.close()
                 return TrainResult(self.run_dir, stats.loss, before, {}, stopped_at, self.stopped_by)

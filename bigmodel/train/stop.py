@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+REPEAT_GRACE_S = 2.0
 
 
 class StopRequest:
@@ -24,6 +26,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self.installed = False
+        self._received_at = 0.0
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> StopRequest:
@@ -42,10 +45,13 @@ class StopRequest:
         self.installed = False
 
     def _record(self, signum: int, frame) -> None:
-        if self.received == signum:  # asked twice (e.g. a stuck collective): stop now, the default way
+        # Asked again later (e.g. the job is stuck in a collective): stop now, the default way. A repeat within
+        # REPEAT_GRACE_S is the same request arriving twice (from the scheduler and from torchrun's agent).
+        if self.received == signum and time.monotonic() - self._received_at > REPEAT_GRACE_S:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        self.received = self.received or signal.Signals(signum)
+        if self.received is None:
+            self.received, self._received_at = signal.Signals(signum), time.monotonic()
 
     def agreed(self, group: dist.ProcessGroup | None, device: torch.device) -> signal.Signals | None:
         """The signal some rank received (the highest-numbered if they differ), or None. Every rank of `group`

@@ -126,8 +126,9 @@ def test_interleaved_pipeline_checkpoint_resumes_on_one_process(tmp_path):
     common = [*model, "--train.steps=6", "--log.every=1", "--log.progress=false", "--log.wandb=disabled"]
     layout = ["--parallel.pp=2", "--parallel.microbatches=4", "--parallel.pp_schedule=interleaved_1f1b"]
     out = tmp_path / "pp2"
-    result = bigmodel("launch", "--nproc", "2", "--config", TINY, *layout, *common, "--checkpoint.every=3",
-                      f"--train.out_dir={out}")  # fmt: skip
+    result = bigmodel(
+        "launch", "--nproc", "2", "--config", TINY, *layout, *common, "--checkpoint.every=3", f"--train.out_dir={out}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one = [*common, "--train.grad_accum=4"]  # one process accumulating over the same 4 microbatches
     midway = out / "checkpoints" / "step_00000003"
@@ -137,3 +138,115 @@ def test_interleaved_pipeline_checkpoint_resumes_on_one_process(tmp_path):
     ref = [json.loads(line)["loss"] for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     # Same reasoning as above: only summation order differs before the save (~1e-7 relative).
     assert ours == pytest.approx(ref[3:], rel=1e-5)
+
+
+def test_dry_run_multi_node_and_restarts():
+    result = bigmodel(
+        "launch",
+        "--nproc",
+        "2",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-endpoint",
+        "10.0.0.1:29400",
+        "--max-restarts",
+        "3",
+        "--config",
+        TINY,
+        "--parallel.dp_shard=4",
+        "--checkpoint.every=5",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc-per-node=2 --nnodes=2 --node-rank=1" in line
+    assert "--rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --max-restarts=3 -m bigmodel.train" in line
+    # Restarted workers must continue from the newest checkpoint, not from step 0.
+    assert line.endswith("--checkpoint.every=5 --checkpoint.resume=auto")
+
+
+def test_dry_run_deepspeed_launcher(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    result = bigmodel(
+        "launch",
+        "--launcher",
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--nproc",
+        "2",
+        "--config",
+        TINY,
+        "--parallel.dp_shard=2",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    # One local host: no ssh check, loopback master (shared/notes/deepspeed-accelerate-cpu.md); no --local_rank.
+    assert f"deepspeed --num_gpus=2 --hostfile={hostfile} --num_nodes=1 --no_ssh_check --master_addr=127.0.0.1 " in (
+        result.stdout
+    )
+    assert "--no_local_rank --module bigmodel.train --config" in result.stdout
+    refused = bigmodel("launch", "--launcher", "deepspeed", "--max-restarts", "1", "--nproc", "1", "--config", TINY)
+    assert refused.returncode == 2
+    assert "error: --max-restarts needs --launcher torchrun" in refused.stderr
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_native_engine(tmp_path):
+    # The launcher is independent of the engine: the deepspeed launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    # LOCAL_SIZE, MASTER_ADDR) are what read_dist_env reads, so the native dp2 job runs unchanged under it.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "ds"
+    common = [*COMMON, "--data.eval_size=32", "--train.eval_batch_size=32"]
+    result = bigmodel(
+        "launch",
+        "--launcher",
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--nproc",
+        "2",
+        "--config",
+        TINY,
+        "--parallel.dp_shard=2",
+        *common,
+        f"--train.out_dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((out / "memory.json").read_text())) == 2, "two processes"
+    train(load_config(TINY, [*common, f"--train.out_dir={tmp_path / 'one'}"]))
+    ours = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    # dp2 against one process: only summation order differs (~1e-7 relative, see docs/parallelism.md).
+    assert ours == pytest.approx(ref, rel=1e-5)
+
+
+def test_container_files_match_ci():
+    """Docker can't run here: check the images install what CI installs and copy only what exists, and that the
+    Kubernetes example parses and starts the training module under torchrun."""
+    import re
+
+    import yaml
+
+    torch_spec = re.search(r"^TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    for name in ("cpu.Dockerfile", "gpu.Dockerfile"):
+        text = (ROOT / "docker" / name).read_text()
+        assert f"ARG TORCH_VERSION={torch_spec}" in text, name
+        assert text.index("torch==${TORCH_VERSION}") < text.index('-e ".['), f"{name}: torch first, as CI"
+        for sources in re.findall(r"^COPY (.+) \S+$", text, re.M):
+            for source in sources.split():
+                assert (ROOT / source).exists(), f"{name} copies {source}, which does not exist"
+    assert 'pip install --no-cache-dir -e ".[dev]"' in (ROOT / "docker" / "cpu.Dockerfile").read_text()
+    assert "DS_BUILD_FUSED_ADAM=1" in (ROOT / "docker" / "gpu.Dockerfile").read_text()
+
+    service, job = yaml.safe_load_all((ROOT / "launch" / "kubernetes" / "train-job.yaml").read_text())
+    assert service["kind"] == "Service" and job["kind"] == "Job"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = container["args"][0]
+    assert command.startswith("exec torchrun") and "-m bigmodel.train --config configs/base.yaml" in command
+    assert f"--rdzv-endpoint={job['metadata']['name']}-0.{service['metadata']['name']}:29400" in command
+    assert (ROOT / "configs" / "base.yaml").is_file()
