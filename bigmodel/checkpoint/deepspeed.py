@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from bigmodel.checkpoint.run import LATEST_FILE, resolve_checkpoint, step_folder
 from bigmodel.checkpoint.sharded import FORMAT as SHARDED_FORMAT
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, _checksums, read_manifest, verify_manifest
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, _checksums, pack_hyperparameters, read_manifest, verify_manifest
 
 if TYPE_CHECKING:
     from bigmodel.engines.deepspeed import DeepSpeedEngine
@@ -300,6 +300,7 @@ def from_deepspeed(src: Path, out: Path, progress: bool = True) -> Path:
                 optim[f"state.{name}.{kind}"] = _placeholder(shape)
                 produce[f"optim.state.{name}.{kind}"] = lambda g=group, n=name, k=kind: reader.tensor(g, n, k)
             optim.update({f"param_groups.{name}.{k}": v for k, v in reader.hyper[group].items()})
+    optim = pack_hyperparameters(optim)
 
     step = manifest["step"]
     path = step_folder(out, step)

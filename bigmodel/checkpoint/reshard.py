@@ -42,9 +42,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from tqdm import tqdm
 
 from bigmodel.checkpoint.run import resolve_checkpoint
-from bigmodel.checkpoint.safe import load_dcp
+from bigmodel.checkpoint.safe import OnceReadReader, load_dcp
 from bigmodel.checkpoint.sharded import MANIFEST_FILE, _checksums, read_manifest, verify_manifest
-from bigmodel.checkpoint.tools import OnceReadReader, consolidate, saved_config
+from bigmodel.checkpoint.tools import consolidate, saved_config
 from bigmodel.config.load import config_from_dict
 from bigmodel.config.schema import Config, ParallelConfig
 from bigmodel.losses import active_objectives
@@ -133,8 +133,8 @@ def _param_of(key: str) -> tuple[str | None, Literal["tensor", "scalar", "other"
     if key.startswith("optim.state."):
         param, _, field = key.removeprefix("optim.state.").rpartition(".")
         return param, "scalar" if field == "step" else "tensor"
-    if key.startswith("optim.param_groups."):
-        return key.removeprefix("optim.param_groups.").rpartition(".")[0], "scalar"
+    if key.startswith("optim.param_groups."):  # one item per parameter (sharded.pack_hyperparameters)
+        return key.removeprefix("optim.param_groups."), "scalar"
     return None, "other"
 
 

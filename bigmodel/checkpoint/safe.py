@@ -103,6 +103,18 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
+class OnceReadReader(SafeReader):
+    """A SafeReader that unpickles DCP's index once, on construction: dcp.load reads it again on every call, which
+    dominates loading a checkpoint tensor by tensor (about 20 ms per call for a 300 kB index)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self._metadata = super().read_metadata()
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self._metadata
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner that reads non-tensor items with torch.load(weights_only=True)."""
 
@@ -136,8 +148,9 @@ def load_dcp(state: dict[str, Any], path: str | Path | SafeReader, collective: b
     collective: every rank of the default process group calls this together (as training does); False for a
     process that reads on its own (the offline tools), even where a process group exists.
     """
-    reader = path if isinstance(path, SafeReader) else SafeReader(path)
-    reader.read_metadata()  # refused here, in one line: inside dcp.load the error is folded into an AssertionError
+    # A refused index raises here, in one line (inside dcp.load the error is folded into an AssertionError).
+    reader = path if isinstance(path, SafeReader) else OnceReadReader(path)
+    reader.read_metadata()
     try:
         dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not collective)
     except CheckpointException as err:

@@ -6,10 +6,18 @@ tensor-parallel shard that holds only some of the heads runs the same code.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# On CPU in bf16/fp16, torch 2.13's flash-attention kernel (what SDPA picks) is 2-4x slower than the math path for
+# short sequences: forward + backward of 32 x 8 heads x 65 tokens x 64 took 210-620 ms against 90-140 ms, a quarter
+# of a training step of the CLIP benchmark (docs/benchmarks.md, (b)). From a few hundred tokens on flash wins.
+CPU_MATH_ATTENTION_MAX_TOKENS = 128
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -22,6 +30,15 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` (q (B, nh, T, hd), k and v (B, nh, S, hd)), with the math backend where it
+    is the faster one: on CPU, in half precision, with at most CPU_MATH_ATTENTION_MAX_TOKENS keys."""
+    cpu_half = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    use_math = cpu_half and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_TOKENS
+    with sdpa_kernel(SDPBackend.MATH) if use_math else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -45,7 +62,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(source).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         v = self.v_proj(source).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+        y = attention(q, k, v, mask)  # (B, nh, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
 

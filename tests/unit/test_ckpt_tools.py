@@ -14,9 +14,11 @@ import torch
 pytest.importorskip("transformers")  # the optional `hf` extra
 
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from transformers import CLIPModel
 
 from bigmodel.checkpoint.reshard import reshard_checkpoint, target_layout
+from bigmodel.checkpoint.safe import OnceReadReader
 from bigmodel.checkpoint.sharded import load_sharded
 from bigmodel.checkpoint.tools import consolidate, diff_checkpoints, export_hf, import_hf, inspect_checkpoint
 from bigmodel.cli import ckpt
@@ -71,6 +73,15 @@ def test_inspect_reads_step_sizes_and_checksums(clip_run: Path, tmp_path: Path) 
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert "does not match its sha256" in inspect_checkpoint(corrupt)["checksums"]
+
+
+def test_hyper_parameters_are_one_item_per_parameter(clip_run: Path) -> None:
+    """DCP stores every non-tensor item as a record of its own: the optimizer's hyper-parameters are packed into one
+    item per parameter (sharded.pack_hyperparameters), not one per parameter and hyper-parameter (12x the items)."""
+    metadata = OnceReadReader(clip_run).read_metadata().state_dict_metadata
+    items = {key for key, meta in metadata.items() if isinstance(meta, BytesStorageMetadata)}
+    names = {name for name, _ in loaded_model(clip_run).named_parameters()}
+    assert {key for key in items if not key.startswith("scheduler.")} == {f"optim.param_groups.{n}" for n in names}
 
 
 def test_consolidate_writes_the_loaded_weights(clip_run: Path, tmp_path: Path) -> None:
