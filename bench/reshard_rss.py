@@ -20,7 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs in a fresh interpreter: import everything any tool needs, take the baseline, run one tool, take the peak.
 # Runs in a fresh interpreter: import torch, transformers and bigmodel, run the tool once on a small checkpoint (so
 # that what it imports lazily and caches on first use is in the baseline), take the baseline, run it on the large
 # one and read the peak. Linux: VmRSS is the resident size now, VmHWM its peak; writing 5 to clear_refs resets the

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.safe import OnceReadReader, load_dcp
 from bigmodel.checkpoint.sharded import MANIFEST_FILE, _checksums, read_manifest, verify_manifest
-from bigmodel.checkpoint.tools import consolidate, saved_config
+from bigmodel.checkpoint.tools import consolidate, return_freed_memory, saved_config
 from bigmodel.config.load import config_from_dict
 from bigmodel.config.schema import Config, ParallelConfig
 from bigmodel.losses import active_objectives
@@ -269,6 +269,7 @@ def _write_tensor(
     storage: dict[MetadataIndex, _StorageInfo],
 ) -> TensorStorageMetadata:
     """Read tensor `key` whole, store each target slice in its first reader's file; the new metadata entry."""
+    return_freed_memory()
     whole = {key: torch.empty(meta.size, dtype=meta.properties.dtype)}
     load_dcp(whole, reader, collective=False)
     tensor = whole.pop(key)
