@@ -228,7 +228,7 @@ def verify(
             raise RuntimeError(f"layouts {','.join(group)} failed (exit {result.returncode}): {root_cause(result)}")
     traces = {}
     for layout in layouts:
-        saved = torch.load(workdir / f"{layout}.pt")
+        saved = torch.load(workdir / f"{layout}.pt", weights_only=True)
         traces[layout] = Trace(saved["losses"], saved["grads"])
     comparisons = [compare(layout, references[accumulation[layout]], trace) for layout, trace in traces.items()]
     return VerifyReport(reference, traces, comparisons, loss_rtol, grad_rtol)

@@ -130,6 +130,8 @@ def test_native_engine_refuses_a_deepspeed_checkpoint(checkpoints):
     engine = build_engine(cfg, setup_parallel(cfg))
     with pytest.raises(ValueError, match="from-deepspeed"):
         load_sharded(checkpoints[1] / "zero2" / "checkpoints" / "step_00000002", engine)
+    with pytest.raises(ValueError, match="from-deepspeed"):  # the offline tools (inspect, consolidate, ...) likewise
+        ModelTensors(checkpoints[1] / "zero2" / "checkpoints" / "step_00000002")
 
 
 def converted(checkpoints, stage: int, out: Path) -> tuple[Path, dict[str, torch.Tensor]]:
