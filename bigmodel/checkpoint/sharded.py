@@ -256,16 +256,22 @@ def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:
     from bigmodel.checkpoint.safe import load_dcp
 
     path = Path(path)
-    manifest = read_manifest(path)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"checkpoint {path} has format {manifest.get('format')}, not {FORMAT}; a deepspeed-engine checkpoint "
-            "resumes with engine=deepspeed, or converts with `bigmodel ckpt from-deepspeed`"
-        )
+    manifest = read_sharded_manifest(path)
     state = engine_state_dict(engine)
     load_dcp(state, path)  # never unpickles code from the checkpoint (bigmodel.checkpoint.safe)
     load_engine_state_dict(engine, state)
     return manifest["extra"]
+
+
+def read_sharded_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the checkpoint at `path`; ValueError (one line) if it is not in this module's format."""
+    manifest = read_manifest(path)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"checkpoint {path} has format {manifest.get('format')}, not {FORMAT}; a deepspeed-engine checkpoint "
+            f"resumes with engine=deepspeed, or converts with `bigmodel ckpt from-deepspeed {path} OUT`"
+        )
+    return manifest
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from bigmodel.checkpoint.hf import (
 )
 from bigmodel.checkpoint.run import resolve_checkpoint, save_checkpoint
 from bigmodel.checkpoint.safe import OnceReadReader, load_dcp
-from bigmodel.checkpoint.sharded import FORMAT, MANIFEST_FILE, read_manifest, verify_manifest
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, read_manifest, read_sharded_manifest, verify_manifest
 
 MODEL_PREFIX = "model."
 
@@ -87,12 +87,7 @@ class ModelTensors:
     """
 
     def __init__(self, path: Path) -> None:
-        fmt = read_manifest(path).get("format")
-        if fmt != FORMAT:
-            raise ValueError(
-                f"checkpoint {path} has format {fmt}, which the offline tools do not read; for a deepspeed-engine "
-                f"checkpoint run `bigmodel ckpt from-deepspeed {path} OUT` first"
-            )
+        read_sharded_manifest(path)  # the offline tools read this format only
         self.reader = OnceReadReader(path)
         self.shapes: dict[str, TensorStorageMetadata] = {
             key.removeprefix(MODEL_PREFIX): meta
