@@ -1,7 +1,10 @@
 """(i) Pipeline idle fraction against the theory (p - 1) / (m + p - 1), from the timeline the trainer records.
 
-Two identical towers (6 blocks of width 256 each, 17 tokens), contrastive objective only, so the automatic split
-gives each of the 2 ranks one tower and the stages do equal work, as the theory assumes. Step 3 of 4 is recorded.
+Two identical towers (8 blocks of width 512 each, 17 tokens), contrastive objective only, so the automatic split
+gives each of the 2 ranks one tower and the stages do equal work, as the theory assumes. Steps 3-5 of 5 are recorded
+and the median step is reported. Width and depth set the compute per byte handed between the stages: each stage
+sends (and receives the gradient of) both streams' activations, width x 17 tokens per sample, while its compute
+grows with width^2 x blocks.
 """
 
 from __future__ import annotations
@@ -29,16 +32,26 @@ def bubble_model(width: int, layers: int) -> list[str]:
 
 
 def run_bubble(
-    out: Path, schedule: str = "1f1b", microbatches: int = 8, microbatch_size: int = 64, quick: bool = False
+    out: Path,
+    schedule: str = "1f1b",
+    microbatches: int = 8,
+    microbatch_size: int = 32,
+    quick: bool = False,
+    width: int = 512,
+    layers: int = 8,
+    steps: int = 3,
 ) -> dict[str, Any]:
-    """Train 4 steps with p = 2 pipeline ranks, record step 3 and return the timeline summary plus the ratio."""
-    model = bubble_model(64, 2) if quick else bubble_model(256, 6)
+    """Train 2 + `steps` steps with p = 2 pipeline ranks, record the last `steps` (the first two also infer shapes
+    and warm up) and return the timeline summary (median step) plus the ratio."""
+    model = bubble_model(64, 2) if quick else bubble_model(width, layers)
+    steps = 1 if quick else steps
     train = [
         "--config", str(ROOT / "configs" / "tiny.yaml"), *model,
         "--parallel.pp=2", f"--parallel.pp_schedule={schedule}", f"--parallel.microbatches={microbatches}",
-        f"--train.global_batch_size={microbatches * microbatch_size}", "--train.steps=4",
-        "--log.pp_timeline_step=3", "--log.progress=false", "--log.wandb=disabled", "--checkpoint.save_final=false",
-        "--data.eval_size=2", "--train.eval_batch_size=16", f"--train.out_dir={out}",
+        f"--train.global_batch_size={microbatches * microbatch_size}", f"--train.steps={2 + steps}",
+        "--log.pp_timeline_step=3", f"--log.pp_timeline_steps={steps}", "--log.progress=false",
+        "--log.wandb=disabled", "--checkpoint.save_final=false", "--data.eval_size=2", "--train.eval_batch_size=16",
+        f"--train.out_dir={out}",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bigmodel.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,7 +66,7 @@ def run_bubble(
 
 def pipeline_bubble(quick: bool = False) -> Figure:
     """The 1F1B idle fraction, p = 2, m = 8 (quick: m = 4, 8 samples per microbatch, a 2-block model)."""
-    microbatches, size = (4, 8) if quick else (8, 64)
+    microbatches, size = (4, 8) if quick else (8, 32)
     with tempfile.TemporaryDirectory(prefix="bigmodel-bench-pp-") as tmp:
         summary = run_bubble(Path(tmp), "1f1b", microbatches, size, quick)
     return Figure(

@@ -236,6 +236,9 @@ class LogConfig:
     pp_timeline_step: int = Field(0, ge=0)
     """With a pipeline: record this step's per-stage forward/backward times (0: never; use 2 or later, the first
     step also infers shapes) and write timeline.png and timeline.json (Chrome trace) into the run directory."""
+    pp_timeline_steps: int = Field(1, ge=1)
+    """How many consecutive steps to record from log.pp_timeline_step; timeline_summary.json lists each step's idle
+    fraction and reports their median (the picture and trace show the median step)."""
 
 
 @dataclass(config=SECTION_CONFIG)

@@ -89,6 +89,15 @@ class Timeline:
 
             setattr(stage, method, timed)
 
+    def extend_forward(self, stage_index: int) -> None:
+        """Count the loss, which the schedule computes after the last stage's forward, as that forward's busy time."""
+        if not self.recording:
+            return
+        for event in reversed(self.events):
+            if event["stage"] == stage_index and event["kind"] == "forward":
+                event["end"] = time.perf_counter()
+                return
+
 
 class PipelineEngine(NativeEngine):
     """Training with parallel.pp > 1. Every rank holds one stage (gpipe, 1f1b) or several (interleaved_1f1b,
@@ -142,6 +151,7 @@ class PipelineEngine(NativeEngine):
         outputs = select_masked(dict(zip(self.last_module.output_keys(), output, strict=True)), target)
         loss, parts = total_loss(outputs, self.cfg.train.loss_weights, self.ctx.dp_group)
         self._parts.append({"loss": loss.detach(), **parts})
+        self.timeline.extend_forward(self.last_module.plan.index)
         return loss
 
     def run_schedule(self, batch: dict[str, torch.Tensor], train: bool) -> Any:

@@ -123,24 +123,31 @@ def draw(events: list[dict[str, Any]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_timeline(per_rank: list[list[dict[str, Any]]], schedule: str, microbatches: int, out_dir: Path) -> dict:
-    """Write timeline.png, timeline.json (Chrome trace) and timeline_summary.json into `out_dir`; return the
-    summary (measured and theoretical idle fractions, busy time per rank)."""
-    events = normalise(per_rank)
-    ranks = len(per_rank)
-    measured, theory = measured_bubble(events), theoretical_bubble(ranks, microbatches)
-    title = (f"{schedule}, {ranks} pipeline ranks, {microbatches} microbatches: idle {measured:.1%} "
-             f"(theory for equal stages (p-1)/(m+p-1) = {theory:.1%})")  # fmt: skip
+def write_timeline(steps: list[list[list[dict[str, Any]]]], schedule: str, microbatches: int, out_dir: Path) -> dict:
+    """Write timeline.png, timeline.json (Chrome trace) and timeline_summary.json into `out_dir` and return the
+    summary. `steps` holds, per recorded step, each pipeline rank's events. The summary's idle fractions (measured,
+    replayed) are the median step's, with every step's listed beside; the picture and the trace show that step."""
+    per_step = [normalise(per_rank) for per_rank in steps]
+    ranks = len(steps[0])
+    measured = [measured_bubble(events) for events in per_step]
+    median_index = sorted(range(len(measured)), key=measured.__getitem__)[(len(measured) - 1) // 2]
+    events, theory = per_step[median_index], theoretical_bubble(ranks, microbatches)
+    recorded = f"median of {len(steps)} steps, " if len(steps) > 1 else ""
+    title = (f"{schedule}, {ranks} pipeline ranks, {microbatches} microbatches: idle {measured[median_index]:.1%} "
+             f"({recorded}theory for equal stages (p-1)/(m+p-1) = {theory:.1%})")  # fmt: skip
     draw(events, title, out_dir / "timeline.png")
     (out_dir / "timeline.json").write_text(json.dumps(chrome_trace(events)), encoding="utf-8")
     summary = {
         "schedule": schedule,
         "ranks": ranks,
         "microbatches": microbatches,
-        "measured_bubble": measured,
+        "measured_bubble": measured[median_index],
         "theoretical_bubble": theory,
         "replayed_bubble": replayed_bubble(events),
         "busy_ms_per_rank": [sum(e["end"] - e["start"] for e in events if e["rank"] == r) for r in range(ranks)],
+        "steps_recorded": len(steps),
+        "measured_bubble_per_step": measured,
+        "replayed_bubble_per_step": [replayed_bubble(e) for e in per_step],
     }
     (out_dir / "timeline_summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary

@@ -105,6 +105,8 @@ class Trainer:
         self.logger = logger
         self.samples_seen = 0
         self.stop = stop or StopRequest()
+        self.timeline_steps: list[list[list[dict]]] = []
+        """Per recorded pipeline step, each pipeline rank's timeline events (log.pp_timeline_step)."""
         self.stopped_by: str | None = None
         self.pending: PendingSave | None = None  # a background save still being written
         # Background saves run their collectives on a group of their own, so they never interleave with training's.
@@ -182,18 +184,29 @@ class Trainer:
             print(f"resumed from {path} (step {extra['step']})", file=sys.stderr)
         return extra["step"]
 
-    def write_timeline(self) -> None:
-        """Gather the pipeline timeline just recorded and, on the main rank, draw it and report the bubble."""
+    def recording_timeline(self, step: int) -> bool:
+        """Whether `step` is one of the pipeline steps log.pp_timeline_step and log.pp_timeline_steps ask for."""
+        first = self.cfg.log.pp_timeline_step
+        return hasattr(self.engine, "timeline") and 0 < first <= step < first + self.cfg.log.pp_timeline_steps
+
+    def collect_timeline(self, step: int) -> None:
+        """Gather the pipeline timeline of the step just recorded; after the last recorded step (or the run's last
+        step), draw the steps on the main rank and report the bubble."""
         self.engine.timeline.recording = False
-        per_rank = self.engine.gather_timeline()
+        self.timeline_steps.append(self.engine.gather_timeline())
+        log = self.cfg.log
+        if step < min(log.pp_timeline_step + log.pp_timeline_steps - 1, self.cfg.train.steps):
+            return
         if self.ctx.is_main:
             p = self.cfg.parallel
-            bubble = write_timeline(per_rank, p.pp_schedule, p.microbatches, self.run_dir)
+            bubble = write_timeline(self.timeline_steps, p.pp_schedule, p.microbatches, self.run_dir)
             print(
                 f"pipeline timeline: {self.run_dir / 'timeline.png'}; idle fraction {bubble['measured_bubble']:.3f} "
-                f"(theory (p-1)/(m+p-1) = {bubble['theoretical_bubble']:.3f})",
+                f"(median of {len(self.timeline_steps)} steps; theory (p-1)/(m+p-1) = "
+                f"{bubble['theoretical_bubble']:.3f})",
                 file=sys.stderr,
             )
+        self.timeline_steps = []
 
     def log_memory(self) -> None:
         """Per-rank bytes of parameters, gradients and optimizer state, gathered to memory.json by the main rank."""
@@ -241,12 +254,12 @@ class Trainer:
         bar = tqdm(steps, desc="train", disable=not show, dynamic_ncols=True, mininterval=1.0, total=len(steps))
         for step in bar:
             torch.manual_seed(self.dropout_seed(step))
-            timeline = step == self.cfg.log.pp_timeline_step and hasattr(self.engine, "timeline")
+            timeline = self.recording_timeline(step)
             if timeline:
                 self.engine.timeline.recording = True
             stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
             if timeline:
-                self.write_timeline()
+                self.collect_timeline(step)
             if step == start_step + 1:
                 self.log_memory()
             if not math.isfinite(stats.loss):

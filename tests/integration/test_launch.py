@@ -74,7 +74,7 @@ def test_four_process_job_matches_one_process(tmp_path):
 @pytest.mark.slow
 def test_pipeline_job_evaluates_and_draws_its_timeline(tmp_path):
     out = tmp_path / "pp2"
-    layout = ["--parallel.pp=2", "--parallel.microbatches=4", "--log.pp_timeline_step=3"]
+    layout = ["--parallel.pp=2", "--parallel.microbatches=4", "--log.pp_timeline_step=3", "--log.pp_timeline_steps=2"]
     result = bigmodel("launch", "--nproc", "2", "--config", TINY, *layout, *COMMON, f"--train.out_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "idle fraction" in result.stderr
@@ -96,6 +96,9 @@ def test_pipeline_job_evaluates_and_draws_its_timeline(tmp_path):
     assert (out / "timeline.png").stat().st_size > 10_000
     summary = json.loads((out / "timeline_summary.json").read_text())
     assert 0 < summary["measured_bubble"] < 1 and summary["theoretical_bubble"] == pytest.approx(1 / 5)
+    # Steps 3 and 4 recorded; the reported step is one of them (the median of two is the lower).
+    assert summary["steps_recorded"] == 2
+    assert summary["measured_bubble"] == min(summary["measured_bubble_per_step"])
 
 
 @pytest.mark.slow
