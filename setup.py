@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "safetensors>=0.4",
     "tqdm>=4.66",
+    "xxhash>=3.0",  # checkpoint checksums (bigmodel.checkpoint.sharded)
 ]
 
 EXTRAS = {

@@ -3,36 +3,51 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bigmodel.bench.common import ROOT, Figure, interleaved, median, paired_ratio
 from bigmodel.config import load_config
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
-# Quick mode: one block per tower, contrastive only (DCP writes one record per tensor and hyper-parameter, so the
-# number of tensors, not their bytes, sets a small checkpoint's time).
+# Quick mode: one block per tower, contrastive only (a small checkpoint's time is set by its number of tensors).
 QUICK_MODEL = [
     "--model.vision_layers=1", "--model.text_layers=1", "--model.fusion=none", "--model.fusion_layers=0",
     "--train.loss_weights.itm=0", "--train.loss_weights.mlm=0",
 ]  # fmt: skip
-# Full mode: 8 + 8 blocks of width 256 and 2 fusion blocks (~15M parameters; ~180 MB with AdamW's moments).
+# Full mode: 8 + 8 blocks of width 256 and 2 fusion blocks (~15M parameters in 334 tensors of ~45 kB on average;
+# ~180 MB with AdamW's moments).
 FULL_MODEL = [
     "--model.vision_width=256", "--model.vision_heads=4", "--model.vision_mlp_dim=1024", "--model.vision_layers=8",
     "--model.text_width=256", "--model.text_heads=4", "--model.text_mlp_dim=1024", "--model.text_layers=8",
     "--model.fusion_layers=2",
 ]  # fmt: skip
+# Full mode, second size: 4 + 4 blocks of width 1024, contrastive only (~101M parameters; weight matrices of 4-16 MB,
+# as in real models; ~1.2 GB with AdamW's moments).
+LARGE_MODEL = [
+    "--model.vision_width=1024", "--model.vision_heads=16", "--model.vision_mlp_dim=4096", "--model.vision_layers=4",
+    "--model.text_width=1024", "--model.text_heads=16", "--model.text_mlp_dim=4096", "--model.text_layers=4",
+    "--model.embed_dim=256", "--model.fusion=none", "--model.fusion_layers=0",
+    "--train.loss_weights.itm=0", "--train.loss_weights.mlm=0",
+]  # fmt: skip
+
+
+def _files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
 
 
 def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in _files(path))
 
 
 def _raw_write(path: Path, data: bytes) -> None:
-    """Write and fsync, as DCP's writer does (sync_files=True)."""
+    """Write and fsync, as the checkpoint writer does."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -45,11 +60,45 @@ def _raw_read(path: Path) -> None:
             pass
 
 
-def checkpoint_rates(quick: bool = False, directory: str | None = None) -> list[Figure]:
-    """Save (`save_sharded`: DCP shards, manifest, checksums) and load (`load_sharded` into the engine) of a
-    one-process engine after one step, as bytes/s, over writing (with fsync) and reading the same number of bytes
-    as one plain file in the same folder. Interleaved; reads of both come from the same page-cache state."""
-    from bigmodel.checkpoint.sharded import load_sharded, save_sharded
+def evict(*paths: Path) -> None:
+    """Drop the files under `paths` from the page cache (written back first), so the next read comes from the disk."""
+    for file in (f for path in paths for f in _files(path)):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def interleaved_cold(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int, cold: Callable[[], None]
+) -> dict[str, list[float]]:
+    """bigmodel.bench.common.interleaved with `cold()` run, untimed, before every call (warm-up calls too)."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            cold()
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            cold()
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str | None) -> dict[str, object]:
+    """Seconds of save and load of a one-process engine after one step (`model`: config overrides of tiny.yaml)
+    beside writing (with fsync) and reading the same number of bytes as one plain file in the same folder.
+
+    Keys: bytes, write ({raw, save}), read ({raw, load}: both from the disk, the page cache dropped before each),
+    verified_read ({raw, verify_load}: verify_manifest then load_sharded, what resuming does, from the disk) and
+    cached_read ({raw, load}: both from the page cache, as the files were just written). Each interleaved.
+    """
+    from bigmodel.checkpoint.sharded import load_sharded, save_sharded, verify_manifest
     from bigmodel.data import build_train_loader
     from bigmodel.engines import build_engine
     from bigmodel.parallel.context import setup_parallel
@@ -57,31 +106,84 @@ def checkpoint_rates(quick: bool = False, directory: str | None = None) -> list[
 
     with tempfile.TemporaryDirectory(prefix="bigmodel-bench-ckpt-", dir=directory) as tmp:
         root = Path(tmp)
-        cfg = load_config(
-            TINY, [*(QUICK_MODEL if quick else FULL_MODEL), f"--train.out_dir={tmp}", "--log.wandb=disabled"]
-        )
-        ctx = setup_parallel(cfg)
-        engine = build_engine(cfg, ctx)
+        cfg = load_config(TINY, [*model, f"--train.out_dir={tmp}", "--log.wandb=disabled"])
+        engine = build_engine(cfg, setup_parallel(cfg))
         engine.train_step(split_microbatches(next(iter(build_train_loader(cfg, 0, 1))), 1))  # AdamW state exists
-        checkpoint = root / "ckpt"
+        checkpoint, raw = root / "ckpt", root / "raw.bin"
         save_sharded(checkpoint, engine, {"step": 1})
         nbytes = _folder_bytes(checkpoint)
         data = os.urandom(nbytes)
-        raw = root / "raw.bin"
-
-        def save() -> None:
-            save_sharded(checkpoint, engine, {"step": 1})
+        _raw_write(raw, data)
 
         def load() -> None:
             with contextlib.redirect_stderr(io.StringIO()):
                 load_sharded(checkpoint, engine)
 
-        repeats, warmup = (1, 0) if quick else (7, 1)
-        writes = interleaved({"raw": lambda: _raw_write(raw, data), "save": save}, repeats, warmup)
-        reads = interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup)
+        def verify_load() -> None:
+            verify_manifest(checkpoint)
+            load()
+
+        def cold() -> None:
+            evict(raw, checkpoint)
+
+        times = {
+            "bytes": nbytes,
+            "write": interleaved(
+                {"raw": lambda: _raw_write(raw, data), "save": lambda: save_sharded(checkpoint, engine, {"step": 1})},
+                repeats,
+                warmup,
+            ),
+            "read": interleaved_cold({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup, cold),
+            "verified_read": interleaved_cold(
+                {"raw": lambda: _raw_read(raw), "verify_load": verify_load}, repeats, 0, cold
+            ),
+            "cached_read": interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup),
+        }
         shutil.rmtree(checkpoint, ignore_errors=True)
+    return times
+
+
+def _rates(times: dict[str, object], part: str, candidate: str) -> dict[str, float]:
+    """Rate ratio (the inverse of the time ratio, median of pairs) and both median rates of one interleaved part."""
+    pair = times[part]
+    nbytes = times["bytes"]
+    return {
+        "ratio": paired_ratio(pair["raw"], pair[candidate]),
+        "raw_bytes_per_s": nbytes / median(pair["raw"]),
+        f"{candidate}_bytes_per_s": nbytes / median(pair[candidate]),
+    }
+
+
+def checkpoint_rates(quick: bool = False, directory: str | None = None) -> list[Figure]:
+    """Save (`save_sharded`: DCP shards, manifest, checksums) and load (`load_sharded` into the engine) rates over
+    this disk's raw write (fsync) and raw read rates of the same byte count in the same folder, interleaved. The
+    load figure reads from the disk on both sides (page cache dropped before each read); details add the
+    page-cache read, the verified load (checksums first, as resuming does) and, in full mode, a ~100M-parameter
+    model (`large`)."""
+    sizes = {"quick": QUICK_MODEL} if quick else {"full": FULL_MODEL, "large": LARGE_MODEL}
+    repeats, warmup = (1, 0) if quick else (7, 1)
+    measured = {
+        name: checkpoint_times(model, repeats if name != "large" else 5, warmup, directory)
+        for name, model in sizes.items()
+    }
+    main = measured["quick" if quick else "full"]
+    details = {
+        name: {
+            "bytes": times["bytes"],
+            "save": _rates(times, "write", "save"),
+            "load_from_disk": _rates(times, "read", "load"),
+            "verify_and_load_from_disk": _rates(times, "verified_read", "verify_load"),
+            "load_from_page_cache": _rates(times, "cached_read", "load"),
+            "seconds": {part: times[part] for part in ("write", "read", "verified_read", "cached_read")},
+        }
+        for name, times in measured.items()
+    }
     figures = []
-    for name, times, key, label in (("save", writes, "save", "write"), ("load", reads, "load", "read")):
+    for name, part, key, label in (
+        ("save", "write", "save", "write (fsync)"),
+        ("load", "read", "load", "read (page cache dropped)"),
+    ):
+        times = main[part]
         figures.append(
             Figure(
                 name=f"checkpoint_{name}",
@@ -89,10 +191,10 @@ def checkpoint_rates(quick: bool = False, directory: str | None = None) -> list[
                 ratio=paired_ratio(times["raw"], times[key]),  # rate ratio = inverse time ratio
                 target=0.8,
                 direction=">=",
-                baseline={"label": f"raw {label}", "value": nbytes / median(times["raw"]), "unit": "bytes/s"},
-                candidate={"label": f"{name}_sharded", "value": nbytes / median(times[key]), "unit": "bytes/s"},
+                baseline={"label": f"raw {label}", "value": main["bytes"] / median(times["raw"]), "unit": "bytes/s"},
+                candidate={"label": f"{name}_sharded", "value": main["bytes"] / median(times[key]), "unit": "bytes/s"},
                 command="bigmodel bench --only checkpoint",
-                details={"bytes": nbytes, "seconds": times},
+                details=details,
             )
         )
     return figures

@@ -9,7 +9,7 @@ directory, so DeepSpeed's own tools accept it too (`python step_XXXXXXXX/zero_to
   latest                  DeepSpeed's pointer to that tag
   zero_to_fp32.py, ...    DeepSpeed's recovery scripts (ZeRO 1-3)
   manifest.json           format "bigmodel-deepspeed-1", step, extra (data position, config), layout, DeepSpeed tag
-                          and version, sha256 of every file: `--resume auto`, `keep`, `latest` and integrity checks
+                          and version, checksum of every file: `--resume auto`, `keep`, `latest` and integrity checks
                           work as for the native engine's checkpoints
 """
 
@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from bigmodel.checkpoint.run import LATEST_FILE, resolve_checkpoint, step_folder
 from bigmodel.checkpoint.sharded import FORMAT as SHARDED_FORMAT
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, _checksums, pack_hyperparameters, read_manifest, verify_manifest
+from bigmodel.checkpoint.sharded import (
+    MANIFEST_FILE,
+    RawRecordWriter,
+    _checksums,
+    pack_hyperparameters,
+    read_manifest,
+    verify_manifest,
+)
 
 if TYPE_CHECKING:
     from bigmodel.engines.deepspeed import DeepSpeedEngine
@@ -307,10 +314,11 @@ def from_deepspeed(src: Path, out: Path, progress: bool = True) -> Path:
     tmp = path.parent / f".tmp_{path.name}"
     with tqdm(total=len(produce), desc="convert", unit="tensor", disable=not progress, file=sys.stderr) as bar:
         state = {"model": model, "optim": optim, "scheduler": reader.scheduler}
-        dcp.save(state, checkpoint_id=tmp, planner=_StreamingSavePlanner(produce, bar), no_dist=True)
+        dcp.save(state, storage_writer=RawRecordWriter(tmp), planner=_StreamingSavePlanner(produce, bar), no_dist=True)
     extra = manifest["extra"] | {"config": config, "converted_from": str(src)}
     converted = {
         "format": SHARDED_FORMAT,
+        "byteorder": sys.byteorder,
         "step": step,
         "extra": extra,
         "layout": manifest["layout"],

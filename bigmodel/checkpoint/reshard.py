@@ -12,7 +12,7 @@ that needs it.
 The target layout is validated against the checkpoint's model (`ParallelDims.check_layout`), and the slices come
 from the same code the engines use: pipeline stages from `plan_stages` / `PipelineStageModel`, tensor-parallel
 dimensions from the block plan, ZeRO-3 as FSDP2 cuts dim 0. Tensors are read and written one at a time, so memory
-stays near the largest tensor (twice it, plus the serialisation buffer of one slice).
+stays near the largest tensor (twice it: a slice that is not contiguous is copied out to be written).
 """
 
 from __future__ import annotations
@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.safe import OnceReadReader, load_dcp
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, _checksums, read_manifest, verify_manifest
+from bigmodel.checkpoint.sharded import (
+    MANIFEST_FILE,
+    _checksums,
+    read_manifest,
+    read_sharded_manifest,
+    tensor_bytes,
+    verify_manifest,
+)
 from bigmodel.checkpoint.tools import consolidate, return_freed_memory, saved_config
 from bigmodel.config.load import config_from_dict
 from bigmodel.config.schema import Config, ParallelConfig
@@ -193,10 +200,7 @@ class _RankFiles:
         name = f"__{rank}_0.distcp"
         offset = self.sizes.get(name, 0)
         with open(self.folder / name, "ab") as f:
-            if isinstance(data, torch.Tensor):
-                torch.save(data, f)  # one torch.save per item, as DCP's FileSystemWriter stores tensors
-            else:
-                f.write(data)
+            f.write(tensor_bytes(data) if isinstance(data, torch.Tensor) else data)  # as RawRecordWriter stores them
             end = f.tell()
         self.sizes[name] = end
         return _StorageInfo(relative_path=name, offset=offset, length=end - offset)
@@ -217,6 +221,7 @@ def reshard_checkpoint(
     path, out = resolve_checkpoint(src), Path(out)
     if layout == "single":
         return consolidate(path, out if out.suffix == ".safetensors" else out / "model.safetensors", progress=progress)
+    read_sharded_manifest(path)
     verify_manifest(path)
     if out.exists():
         raise ValueError(f"{out} already exists; reshard into a new folder")
@@ -278,8 +283,6 @@ def _write_tensor(
         piece = tensor
         for dim, (start, length) in enumerate(zip(offsets, sizes, strict=True)):
             piece = piece.narrow(dim, start, length)
-        # A whole tensor is saved as is; a slice is copied out, since torch.save of a view writes its whole storage.
-        piece = piece if piece.shape == tensor.shape else piece.clone(memory_format=torch.contiguous_format)
         storage[MetadataIndex(key, torch.Size(offsets))] = files.append(readers[0], piece)
         chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
         del piece

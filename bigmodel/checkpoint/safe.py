@@ -4,12 +4,14 @@ torch.distributed.checkpoint (torch 2.13) unpickles two things on load with Pyth
 index (`FileSystemReader.read_metadata`, `pickle.load`) and every non-tensor item of the state dict
 (`DefaultLoadPlanner.load_bytes`, `torch.load(weights_only=False)`; ours are the optimizer's hyper-parameters and
 the LR schedule). A crafted checkpoint could run any code there, and a checksum in the manifest does not help: whoever
-crafts the shards writes the manifest too. Tensor data is already read with `torch.load(weights_only=True)`.
+crafts the shards writes the manifest too. DCP reads tensor records with `torch.load(weights_only=True)`; bigmodel
+stores them as raw bytes, which nothing unpickles.
 
-`SafeReader` unpickles the index with an allow-list of DCP's own metadata classes, and `SafeLoadPlanner` reads
-non-tensor items with `torch.load(weights_only=True)` (plain numbers, strings, tuples, lists, dicts, None). Either
-refuses anything else with `UnsafeCheckpointError`, a one-line ValueError naming the file, before building the
-object. Every bigmodel load of a DCP checkpoint goes through `load_dcp` or these two classes.
+`SafeReader` unpickles the index with an allow-list of DCP's own metadata classes and reads tensors as the raw
+bytes bigmodel stores them in (`bigmodel.checkpoint.sharded.RawRecordWriter`: nothing to unpickle), and
+`SafeLoadPlanner` reads non-tensor items with `torch.load(weights_only=True)` (plain numbers, strings, tuples, lists,
+dicts, None). Either refuses anything else with `UnsafeCheckpointError`, a one-line ValueError naming the file,
+before building the object. Every bigmodel load of a DCP checkpoint goes through `load_dcp` or these two classes.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import io
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index  # what FileSystemReader.read_data uses
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+
+from bigmodel.checkpoint.sharded import tensor_bytes
 
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 # Everything torch 2.13's DCP writes into `.metadata`; each is a plain record or a lookup by name, so building one
@@ -89,7 +95,66 @@ def read_dcp_metadata(file: Path) -> Metadata:
 
 
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose index is unpickled by `read_dcp_metadata` (tensor data is weights_only already)."""
+    """FileSystemReader for bigmodel's sharded format: the index is unpickled by `read_dcp_metadata`, and each
+    tensor record is raw bytes (RawRecordWriter) read straight into the destination tensor where it is the whole
+    stored chunk, contiguous, on the CPU and of the stored dtype (else into a buffer that is narrowed and copied)."""
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._index = metadata.state_dict_metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in per_file.items():
+            with open(Path(self.path) / name, "rb") as f:
+                for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
+                    info: _StorageInfo = self.storage_data[item.storage_index]
+                    if info.transform_descriptors:
+                        raise ValueError(f"checkpoint {self.path}: {name} has transformed records; not supported")
+                    f.seek(info.offset)
+                    if item.type == LoadItemType.BYTE_IO:
+                        planner.load_bytes(item, io.BytesIO(f.read(info.length)))
+                    else:
+                        self._read_tensor(f, item, info, planner)
+        done: torch.futures.Future[None] = torch.futures.Future()
+        done.set_result(None)
+        return done
+
+    def _read_tensor(self, f: IO[bytes], item: ReadItem, info: _StorageInfo, planner: LoadPlanner) -> None:
+        sizes, dtype = self._stored_chunk(item.storage_index)
+        if info.length != sizes.numel() * dtype.itemsize:
+            raise ValueError(
+                f"checkpoint {self.path}: {info.relative_path} stores {item.storage_index.fqn} in {info.length} bytes, "
+                f"not the {sizes.numel() * dtype.itemsize} of a raw {dtype} {list(sizes)} (corrupt, or not written "
+                "by RawRecordWriter)"
+            )
+        target = planner.resolve_tensor(item).detach()
+        if list(target.shape) != list(item.lengths):
+            raise ValueError(f"checkpoint {self.path}: {item.storage_index.fqn} is {list(target.shape)} in the model")
+        whole = not any(item.storage_offsets) and list(item.lengths) == list(sizes)
+        if whole and target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
+            self._read_into(f, target, item.storage_index)
+        else:
+            stored = torch.empty(sizes, dtype=dtype)
+            self._read_into(f, stored, item.storage_index)
+            target.copy_(narrow_tensor_by_index(stored, item.storage_offsets, item.lengths))
+        planner.commit_tensor(item, target)
+
+    def _stored_chunk(self, index: MetadataIndex) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of the stored chunk `index` names, from the index."""
+        meta = self._index.get(index.fqn)
+        if isinstance(meta, TensorStorageMetadata):
+            for chunk in meta.chunks:
+                if chunk.offsets == index.offset:
+                    return chunk.sizes, meta.properties.dtype
+        raise ValueError(f"checkpoint {self.path}: the index lists no stored chunk {index.fqn} at {index.offset}")
+
+    def _read_into(self, f: IO[bytes], tensor: torch.Tensor, index: MetadataIndex) -> None:
+        buffer = tensor_bytes(tensor)  # contiguous on the CPU: a view of its memory
+        if f.readinto(buffer) != len(buffer):
+            raise ValueError(f"checkpoint {self.path}: the record of {index.fqn} is cut short (truncated file)")
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
@@ -158,9 +223,4 @@ def load_dcp(state: dict[str, Any], path: str | Path | SafeReader, collective: b
         for exception, _ in err.failures.values():
             if isinstance(exception, ValueError):
                 raise exception from None
-            if isinstance(exception, pickle.UnpicklingError):  # a tensor item that is not a tensor (weights_only)
-                raise UnsafeCheckpointError(
-                    f"checkpoint {reader.path}: a tensor item holds a pickled {_refused_global(exception)}, which is "
-                    "not tensor data; refusing to load it (the checkpoint is crafted or corrupt)"
-                ) from None
         raise

@@ -9,13 +9,17 @@ recomputes nothing, and the continued step runs the same arithmetic on the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
 
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, engine_state_dict, load_sharded, verify_manifest
+from bigmodel.checkpoint.safe import read_dcp_metadata
+from bigmodel.checkpoint.sharded import CHECKSUM, MANIFEST_FILE, engine_state_dict, load_sharded, verify_manifest
 from bigmodel.config import load_config
 from bigmodel.engines import build_engine
 from bigmodel.parallel.context import setup_parallel
@@ -89,3 +93,65 @@ def test_verify_manifest_names_corrupted_and_missing_files(run, tmp_path):
     shard.unlink()
     with pytest.raises(ValueError, match=f"{shard.name} is missing"):
         verify_manifest(copy)
+
+
+def test_tensors_are_stored_as_raw_bytes(run):
+    """Format 3: every tensor record is exactly its chunk's elements (no torch.save framing), and the shard files
+    hold nothing but the records the index lists."""
+    _, ckpt = run
+    metadata = read_dcp_metadata(ckpt / ".metadata")
+    records = metadata.storage_data
+    for fqn, meta in metadata.state_dict_metadata.items():
+        for chunk in getattr(meta, "chunks", []):
+            assert (
+                records[MetadataIndex(fqn, chunk.offsets)].length
+                == chunk.sizes.numel() * meta.properties.dtype.itemsize
+            )
+    assert sum(info.length for info in records.values()) == sum(f.stat().st_size for f in ckpt.glob("*.distcp"))
+
+
+def test_manifest_checksums_name_their_algorithm(run, tmp_path):
+    """New manifests record xxh3_128; a bare digest is sha256 (formats 1 and 2) and still verifies, and still
+    catches one changed byte; an unknown algorithm is refused in one line."""
+    copy = shutil.copytree(run[1], tmp_path / "ckpt")
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    assert all(digest.startswith(f"{CHECKSUM}:") for digest in manifest["files"].values())
+    assert CHECKSUM == "xxh3_128"
+    manifest["files"] = {name: hashlib.sha256((copy / name).read_bytes()).hexdigest() for name in manifest["files"]}
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    verify_manifest(copy)
+    shard = sorted(copy.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard.name} does not match its sha256 checksum"):
+        verify_manifest(copy)
+    manifest["files"][shard.name] = "md5:00"
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{shard.name} has a md5 checksum; bigmodel reads"):
+        verify_manifest(copy)
+
+
+@pytest.mark.parametrize("older", ["bigmodel-sharded-1", "bigmodel-sharded-2"])
+def test_older_formats_are_refused_in_one_line(run, tmp_path, older):
+    """Formats 1 and 2 stored tensors as torch.save records, which the raw-record reader cannot read."""
+    copy = shutil.copytree(run[1], tmp_path / "ckpt")
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest | {"format": older}))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["--log.wandb=disabled"])
+    with pytest.raises(ValueError, match=f"has format {older}, which stores tensors as torch.save records") as err:
+        load_sharded(copy, build_engine(cfg, setup_parallel(cfg)))
+    assert "\n" not in str(err.value)
+
+
+def test_other_byte_order_is_refused_in_one_line(run, tmp_path):
+    """Raw records are in the saving machine's byte order, which the manifest records."""
+    copy = shutil.copytree(run[1], tmp_path / "ckpt")
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    assert manifest["byteorder"] == sys.byteorder
+    other = "big" if sys.byteorder == "little" else "little"
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest | {"byteorder": other}))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["--log.wandb=disabled"])
+    with pytest.raises(ValueError, match=f"stores raw {other}-endian tensors; this machine is") as err:
+        load_sharded(copy, build_engine(cfg, setup_parallel(cfg)))
+    assert "\n" not in str(err.value)

@@ -2,7 +2,8 @@
 
 A planted object's `__reduce__` creates a marker file when unpickled by Python's pickle. It is planted in every place a
 bigmodel checkpoint or a transformers directory could carry a pickle: DCP's `.metadata` index, a non-tensor item of a
-shard, a tensor item of a shard (each is a torch.save blob, a `.pt` in all but name), and pytorch_model.bin. The
+shard (a torch.save blob, a `.pt` in all but name), a tensor item of a shard (raw bytes in bigmodel's format, a
+torch.save blob in DCP's), and pytorch_model.bin. The
 manifest's checksums are recomputed after planting, as whoever crafts a checkpoint would. Each case first shows that
 the plant is live (the unsafe reader DCP or torch would use creates the marker), then that bigmodel refuses with one
 line and the marker never appears.
@@ -93,7 +94,7 @@ def plant_item(folder: Path, fqn: str, payload: bytes) -> None:
 
 def saved_plant(marker: Path) -> bytes:
     buffer = io.BytesIO()
-    torch.save(Plant(marker), buffer)  # how DCP stores every item: one torch.save blob
+    torch.save(Plant(marker), buffer)  # how DCP stores a non-tensor item: one torch.save blob
     return buffer.getvalue()
 
 
@@ -121,7 +122,7 @@ def test_planted_metadata_is_refused(copy: Path, marker: Path, capsys) -> None:
 def test_planted_non_tensor_item_is_refused(copy: Path, marker: Path) -> None:
     plant_item(copy, "scheduler.last_epoch", saved_plant(marker))
     with contextlib.suppress(Exception):  # live: DCP's default planner torch.loads it with weights_only=False
-        dcp.load(engine_state_dict(engine_of(copy)), checkpoint_id=copy)
+        dcp.load({"scheduler": engine_state_dict(engine_of(copy))["scheduler"]}, checkpoint_id=copy)
     assert marker.exists()
     marker.unlink()
 
@@ -131,13 +132,22 @@ def test_planted_non_tensor_item_is_refused(copy: Path, marker: Path) -> None:
     assert not marker.exists()
 
 
-def test_planted_tensor_item_is_refused(copy: Path, marker: Path) -> None:
-    plant_item(copy, "model.text.token_embedding.weight", saved_plant(marker))
-    with pytest.raises(UnsafeCheckpointError, match="a tensor item holds a pickled") as err:
+def test_planted_tensor_item_is_never_unpickled(copy: Path, marker: Path) -> None:
+    """A tensor record is raw bytes: a pickle planted there is refused by its length, or read as numbers."""
+    key = "model.text.token_embedding.weight"
+    plant_item(copy, key, saved_plant(marker))
+    with pytest.raises(ValueError, match=rf"stores {key} in \d+ bytes, not the \d+ of a raw torch.float32") as err:
         load_sharded(copy, engine_of(copy))
     assert_one_line(err)
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(ValueError, match=r"not the \d+ of a raw"):
         consolidate(copy, copy.parent / "w.safetensors")
+
+    engine = engine_of(copy)
+    weight = engine.model.text.token_embedding.weight
+    payload = saved_plant(marker)
+    plant_item(copy, key, payload.ljust(weight.numel() * 4, b"\0")[: weight.numel() * 4])  # the record's own length
+    load_sharded(copy, engine)
+    assert weight.detach().view(-1).view(torch.uint8)[:16].numpy().tobytes() == payload[:16]  # data, not a program
     assert not marker.exists()
 
 

@@ -72,7 +72,7 @@ def test_inspect_reads_step_sizes_and_checksums(clip_run: Path, tmp_path: Path) 
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert "does not match its sha256" in inspect_checkpoint(corrupt)["checksums"]
+    assert "does not match its xxh3_128 checksum" in inspect_checkpoint(corrupt)["checksums"]
 
 
 def test_hyper_parameters_are_one_item_per_parameter(clip_run: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from bigmodel.checkpoint.sharded import engine_state_dict, load_sharded, save_sharded
+from bigmodel.checkpoint.sharded import IMPLEMENTATION_KEYS, engine_state_dict, load_sharded, save_sharded
 from bigmodel.config import load_config
 from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
@@ -58,6 +58,14 @@ def whole_state(engine) -> dict[str, object]:
     return whole
 
 
+def hyperparameters(value: object) -> object:
+    """A packed hyper-parameter item without the settings each layout picks for itself (foreach, ...); other values
+    as they are."""
+    if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
+        return {k: v for k, v in value if k not in IMPLEMENTATION_KEYS}
+    return value
+
+
 def deviation(got: dict[str, object], want: dict[str, object]) -> dict[str, object]:
     """Largest |difference| of the parameters, of AdamW's moments and of its step counts, and the names that differ
     otherwise (missing, extra, another shape, or an unequal hyper-parameter)."""
@@ -68,7 +76,7 @@ def deviation(got: dict[str, object], want: dict[str, object]) -> dict[str, obje
         if torch.is_tensor(ref) and torch.is_tensor(value) and value.shape == ref.shape:
             kind = "model" if name.startswith("model.") else "step" if name.endswith(".step") else "moments"
             worst[kind] = max(worst[kind], (value.float() - ref.float()).abs().max().item())
-        elif torch.is_tensor(ref) or value != ref:
+        elif torch.is_tensor(ref) or hyperparameters(value) != hyperparameters(ref):
             other.append(name)
     other += sorted(set(got) - set(want))
     return {**{f"{kind}_max_abs": value for kind, value in worst.items()}, "mismatched": other}
