@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +165,17 @@ def _run_comm(cfg: Config, ctx, engine, loader) -> dict[str, Any]:
     return {"counted": counter.sent, "calls": counter.calls, "theory": comm_theory(cfg)}
 
 
-def _deepspeed_engine(cfg: Config, ctx):
+def _deepspeed_engine(cfg: Config, ctx, keep_gathered: bool = True):
     """DeepSpeed ZeRO-3 over the same model and initial weights, configured like the native run: fp32, AdamW with
     the trainer's hyper-parameters, gradient clipping set explicitly (DeepSpeed 0.19.8 defaults to 1.0), buckets
-    sized for CPU (the default reduce bucket allocates ~1.9 GB) and every parameter partitioned."""
+    sized for CPU (the default reduce bucket allocates ~1.9 GB) and every parameter partitioned.
+
+    `keep_gathered` keeps DeepSpeed's defaults (stage3_max_reuse_distance and stage3_max_live_parameters 1e9): on
+    any smaller model a module's gathered parameters stay until their reuse in backward (one all-gather per
+    parameter and step, counted), as native `parallel.reshard_after_forward=false` does. False frees them after
+    use (reuse distance 0) and caps what stays live at the prefetch bucket, so backward gathers them again, as
+    native's default does (two all-gathers, counted; reuse distance 0 alone still keeps every parameter, because
+    the prefetcher has already fetched them for backward)."""
     import deepspeed
 
     from bigmodel.losses import active_objectives
@@ -174,18 +184,21 @@ def _deepspeed_engine(cfg: Config, ctx):
 
     model = build_model(cfg.model, active_objectives(cfg.train.loss_weights), cfg.train.seed)
     micro = cfg.train.global_batch_size // ctx.dims.dp
+    zero = {
+        "stage": 3,
+        "reduce_bucket_size": 1_000_000,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_prefetch_bucket_size": 1_000_000,
+    }
+    if not keep_gathered:
+        zero |= {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 1_000_000}
     config = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {
-            "stage": 3,
-            "reduce_bucket_size": 1_000_000,
-            "stage3_param_persistence_threshold": 0,
-            "stage3_prefetch_bucket_size": 1_000_000,
-        },
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train), config=config)
@@ -193,31 +206,54 @@ def _deepspeed_engine(cfg: Config, ctx):
 
 
 def _run_zero3(cfg: Config, ctx, engine, loader, repeats: int) -> dict[str, Any]:
+    """Step times of two matched pairs, all four interleaved: gathered parameters kept from a block's forward to
+    its backward ("native_keep", "deepspeed": DeepSpeed's default) and freed after forward ("native",
+    "deepspeed_free": native's default). `engine` is the native engine of `cfg`, whose reshard_after_forward is
+    the default."""
+    from bigmodel.engines import build_engine
     from bigmodel.losses import total_loss
     from bigmodel.train.loop import split_microbatches
 
+    keep = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, reshard_after_forward=False))
+    native_keep = build_engine(keep, ctx)
     with contextlib.redirect_stdout(sys.stderr):
-        ds = _deepspeed_engine(cfg, ctx)
+        ds_keep = _deepspeed_engine(cfg, ctx, keep_gathered=True)
+        ds_free = _deepspeed_engine(cfg, ctx, keep_gathered=False)
     batch = next(loader)
 
-    def native() -> None:
-        engine.train_step(split_microbatches(batch, 1))
+    def native_step(native) -> Callable[[], None]:
+        return lambda: native.train_step(split_microbatches(batch, 1))
 
-    def deepspeed_step() -> None:
-        loss, _ = total_loss(ds(batch), cfg.train.loss_weights, ctx.dp_group)
-        ds.backward(loss)
-        ds.step()
+    def deepspeed_step(ds) -> Callable[[], None]:
+        def step() -> None:
+            loss, _ = total_loss(ds(batch), cfg.train.loss_weights, ctx.dp_group)
+            ds.backward(loss)
+            ds.step()
 
-    def synced(fn):
+        return step
+
+    cpu: dict[str, list[float]] = {}
+
+    def synced(name: str, fn):
+        # CPU seconds of this process (all threads) beside the wall time: the work of a step, which the load of a
+        # shared machine changes far less than the wall time. Warm-up calls are recorded too and dropped below.
         def run() -> None:
             dist.barrier()
+            start = time.process_time()
             fn()
+            cpu.setdefault(name, []).append(time.process_time() - start)
             dist.barrier()
 
         return run
 
-    times = interleaved({"native": synced(native), "deepspeed": synced(deepspeed_step)}, repeats, warmup=2)
-    return {"seconds": times}
+    candidates = {
+        "native_keep": native_step(native_keep),
+        "deepspeed": deepspeed_step(ds_keep),
+        "native": native_step(engine),
+        "deepspeed_free": deepspeed_step(ds_free),
+    }
+    times = interleaved({name: synced(name, fn) for name, fn in candidates.items()}, repeats, warmup=2)
+    return {"seconds": times, "cpu_seconds": {name: values[-repeats:] for name, values in cpu.items()}}
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -338,22 +374,34 @@ def comm_figures(results: dict[str, Any]) -> list[Figure]:
 
 def zero3_vs_deepspeed(quick: bool = False) -> Figure:
     """(f) Step time of the native ZeRO-3 (FSDP2) engine over DeepSpeed ZeRO-3, same model, weights, batch and
-    world size (2 processes), fp32, interleaved."""
+    world size (2 processes), fp32, interleaved. Both keep a block's gathered parameters from its forward to its
+    backward, as DeepSpeed does by default (native: parallel.reshard_after_forward=false); details hold the pair
+    that frees them after forward as well ("free_ratio")."""
     return zero3_figure(run_jobs(2, ["zero3:zero3x2"], quick, repeats=2 if quick else 7))
 
 
 def zero3_figure(results: dict[str, Any]) -> Figure:
-    times = results["zero3:zero3x2"][0]["seconds"]
+    times, cpu = results["zero3:zero3x2"][0]["seconds"], results["zero3:zero3x2"][0]["cpu_seconds"]
     return Figure(
         name="zero3_vs_deepspeed",
         title="step time, ZeRO-3 x 2 ranks: native (FSDP2) / DeepSpeed ZeRO-3",
-        ratio=paired_ratio(times["native"], times["deepspeed"]),
+        ratio=paired_ratio(times["native_keep"], times["deepspeed"]),
         target=0.8,
         direction="<=",
-        baseline={"label": "DeepSpeed ZeRO-3", "value": median(times["deepspeed"]), "unit": "s/step"},
-        candidate={"label": "native ZeRO-3", "value": median(times["native"]), "unit": "s/step"},
+        baseline={"label": "DeepSpeed ZeRO-3 (its defaults)", "value": median(times["deepspeed"]), "unit": "s/step"},
+        candidate={
+            "label": "native ZeRO-3, reshard_after_forward=false",
+            "value": median(times["native_keep"]),
+            "unit": "s/step",
+        },
         command="bigmodel bench --only zero3",
-        details={"seconds": times},
+        details={
+            "seconds": times,
+            "free_ratio": paired_ratio(times["native"], times["deepspeed_free"]),
+            "cpu_seconds": cpu,
+            "cpu_ratio": paired_ratio(cpu["native_keep"], cpu["deepspeed"]),
+            "free_cpu_ratio": paired_ratio(cpu["native"], cpu["deepspeed_free"]),
+        },
     )
 
 

@@ -118,6 +118,11 @@ class ParallelConfig:
     """Sequence parallelism on the norm and dropout regions (needs tp > 1)."""
     zero_stage: int = Field(0, ge=0, le=3)
     """0: replicated; 1: optimizer state sharded; 2: + gradients; 3: + parameters (FSDP)."""
+    reshard_after_forward: bool = True
+    """ZeRO-3 (native engine): free each Transformer block's gathered parameters after its forward and gather them
+    again for its backward; false keeps them until the block's backward: one all-gather per block and step instead
+    of two, but the whole unsharded model is held from forward to backward (what DeepSpeed ZeRO-3 does by default,
+    through stage3_max_reuse_distance). Stages 0-2 keep whole parameters either way."""
     pp_schedule: PipelineSchedule = "1f1b"
     """Pipeline schedule (with pp > 1)."""
     microbatches: int = Field(1, ge=1)

@@ -16,6 +16,7 @@ def validate_config(cfg: Config) -> None:
     check_schedule(cfg)
     check_data(cfg)
     refuse_unavailable(cfg)
+    check_reshard(cfg)
     check_engine(cfg)
     # Imported here: the parallel package imports torch.distributed, which plain config use does not need.
     from bigmodel.parallel.dims import ParallelDims
@@ -138,6 +139,15 @@ def refuse_unavailable(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1); "
             "use train.grad_accum to split a step into microbatches without one"
+        )
+
+
+def check_reshard(cfg: Config) -> None:
+    """parallel.reshard_after_forward=false is a native-engine setting (ZeRO 0-2 keep whole parameters anyway)."""
+    if not cfg.parallel.reshard_after_forward and cfg.engine == "deepspeed":
+        raise ConfigError(
+            "parallel.reshard_after_forward=false applies to the native engine; DeepSpeed ZeRO-3 keeps gathered "
+            "parameters for backward by default (stage3_max_reuse_distance, in deepspeed.config_file)"
         )
 
 

@@ -43,7 +43,7 @@ class NativeEngine(Engine):
             self.zero = ZeroOptimizer(self.model, cfg.train, ctx.meshes.dp, dims.zero_stage)
             self.optimizer = self.zero.optimizer
         else:
-            self.optimizer = build_optimizer(self.model, cfg.train)
+            self.optimizer = build_optimizer(self.model, cfg.train, foreach=dims.zero_stage == 3)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.memory: dict[str, int] | None = None
 

@@ -3,8 +3,9 @@
 Parameters, gradients and AdamW state are sharded; each Transformer block is one FSDP unit (its parameters are
 gathered just before it runs and freed after), the root unit holds the rest (embeddings, norms, heads). Mixed
 precision is bf16 autocast in every layout, so no MixedPrecisionPolicy: parameters, gradient reductions and
-optimizer state stay fp32. The optimizer is a plain `bigmodel.train.optim.build_optimizer` over the resulting
-DTensor parameters; clip with `bigmodel.parallel.grad_norm.clip_grad_norm_` over their gradients.
+optimizer state stay fp32. The optimizer is `bigmodel.train.optim.build_optimizer` over the resulting DTensor
+parameters, switched to foreach (NativeEngine: per-tensor DTensor dispatch dominates AdamW on shards); clip with
+`bigmodel.parallel.grad_norm.clip_grad_norm_` over their gradients.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
     (measured: identical gradients and memory), but 1-D gives plain FSDP parameters with one placement each and no
     all-reduce over a group of one. Every block of every `model.block_stacks()` becomes its own unit, then the root
     takes the remaining parameters (embeddings, norms, heads). Apply after tensor parallelism: DTensor parameters on
-    a tp mesh of the same world mesh are sharded over (mesh, tp). `reshard_after_forward=False` keeps gathered
-    parameters from forward to backward (more memory, one all-gather fewer per block). Every rank of `mesh` calls
-    this.
+    a tp mesh of the same world mesh are sharded over (mesh, tp). `reshard_after_forward=False`
+    (`parallel.reshard_after_forward`) keeps each block's gathered parameters from its forward to its backward (the
+    whole unsharded model in between, one all-gather fewer per block and step). Every rank of `mesh` calls this.
     """
     if mesh.ndim == 2 and mesh.size(0) == 1:
         mesh = mesh[mesh.mesh_dim_names[1]]

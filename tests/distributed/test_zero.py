@@ -3,8 +3,9 @@ single-process model: losses, step-1 gradients, global gradient norms with clipp
 AdamW steps, the scheduled lr, and per-rank model-state memory against ZeRO's theory (real gloo processes).
 
 One torchrun launch per process count runs every layout of a suite (see workers/zero_worker.py): "dp2" on 2
-processes (stages 0-3 on dp=2, ZeRO-3 with activation checkpointing, optimizer state_dict round trips), "dp4" on 4
-(stages 1-3 on dp=4, HSDP 2x2, and stages 0-3 on dp=2 x tp=2). The tests below assert on every rank's results.
+processes (stages 0-3 on dp=2, ZeRO-3 with activation checkpointing and with parameters kept gathered from forward
+to backward, optimizer state_dict round trips), "dp4" on 4 (stages 1-3 on dp=4, HSDP 2x2, and stages 0-3 on
+dp=2 x tp=2). The tests below assert on every rank's results.
 
 The loss is image-text matching, whose global-batch value is the mean of the ranks' values. AdamW uses the
 project's defaults (lr 1e-3 after 2 warmup steps, eps 1e-6, weight decay 0.05) with clipping to 0.05.
@@ -17,7 +18,7 @@ import pytest
 from tests.distributed.launch import run_worker
 
 SUITES = {
-    "dp2": ["zero0", "zero1", "zero2", "zero3", "zero3_checkpointed"],
+    "dp2": ["zero0", "zero1", "zero2", "zero3", "zero3_checkpointed", "zero3_keep_gathered"],
     "dp4": ["zero1_dp4", "zero2_dp4", "zero3_dp4", "hsdp_2x2", "zero0_tp2", "zero1_tp2", "zero2_tp2", "zero3_tp2"],
 }
 PROCESSES = {"dp2": 2, "dp4": 4}

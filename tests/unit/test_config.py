@@ -75,6 +75,7 @@ BAD_OVERRIDES = [
     (["--parallel.microbatches=4"], "parallel.microbatches"),
     (["--parallel.pp_schedule=magic"], "parallel.pp_schedule"),
     (["--engine=deepspeed", "--parallel.tp=2"], "engine=native"),
+    (["--engine=deepspeed", "--parallel.reshard_after_forward=false"], "parallel.reshard_after_forward"),
     (["--engine=jax"], "engine"),
     (["--log.wandb=maybe"], "log.wandb"),
     (["--checkpoint.keep=0"], "checkpoint.keep"),

@@ -55,6 +55,8 @@ class Layout:
     """Stages 0-2: bucket size; 0.02 splits the tiny model into many buckets."""
     round_trip: bool = False
     """Stages 1-2 only: also check that the optimizer state_dict restores into a new optimizer."""
+    reshard_after_forward: bool = True
+    """Stage 3 only: parallel.reshard_after_forward (false keeps gathered parameters from forward to backward)."""
 
 
 SUITES = {
@@ -64,6 +66,7 @@ SUITES = {
         Layout("zero2", 2, dp_shard=2, round_trip=True),
         Layout("zero3", 3, dp_shard=2),
         Layout("zero3_checkpointed", 3, dp_shard=2, activation_checkpointing=True),
+        Layout("zero3_keep_gathered", 3, dp_shard=2, reshard_after_forward=False),
     ],
     "dp4": [
         Layout("zero1_dp4", 1, dp_shard=4, bucket_mb=0.02),
@@ -144,8 +147,8 @@ def build_layout(cfg, layout: Layout):
     model.set_activation_checkpointing(layout.activation_checkpointing)
     num_local = sum(local_tensor(p).numel() for p in model.parameters())
     if layout.stage == 3:
-        apply_fsdp(model, meshes.fsdp)
-        optimizer = build_optimizer(model, cfg.train)
+        apply_fsdp(model, meshes.fsdp, layout.reshard_after_forward)
+        optimizer = build_optimizer(model, cfg.train, foreach=True)  # as NativeEngine over FSDP's shards
         scheduler = build_scheduler(optimizer, cfg.train)
     else:
         optimizer = ZeroOptimizer(model, cfg.train, meshes.dp, layout.stage, layout.bucket_mb)
