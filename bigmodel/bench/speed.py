@@ -4,19 +4,24 @@ transformers' CLIPModel of the same dimensions (b), and model FLOPs/s against th
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bigmodel.bench.common import ROOT, Figure, interleaved, median, paired_ratio
 from bigmodel.config import Config, load_config
 from bigmodel.config.schema import LossWeights, ModelConfig
 from bigmodel.losses import active_objectives, total_loss
-from bigmodel.models import build_model
+from bigmodel.models import MultimodalEncoder, build_model
 from bigmodel.models.flops import flops_per_sample
+from bigmodel.parallel.parallelize import apply_compile
 from bigmodel.train.metrics import measure_matmul_peak
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -129,7 +134,10 @@ def _batch(shape: ClipShape, eos: int = 4) -> dict[str, torch.Tensor]:
 def model_speed(quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[Figure]:
     """Per precision: forward + contrastive loss + backward of bigmodel's MultimodalEncoder and of transformers'
     CLIPModel with the same config and weights (b), and bigmodel's model FLOPs/s over the matmul peak of that
-    precision measured between its steps (c). The optimizer step is the same code for both and is not timed."""
+    precision measured between its steps (c); each for the eager model and for the model as `train.compile: true`
+    runs it (every block compiled by inductor; in quick mode traced by dynamo and run eagerly, which checks the
+    plumbing in seconds instead of minutes of C++ compilation). The optimizer step is not timed: it is the same code
+    for both models."""
     from transformers import CLIPModel
 
     from bigmodel.checkpoint.hf import bigmodel_to_clip_state_dict, clip_config_from_model_config
@@ -137,32 +145,48 @@ def model_speed(quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf1
     shape = ClipShape.for_mode(quick)
     cfg = shape.model_config()
     ours = build_model(cfg, ("contrastive",), seed=0)
+    compiled = copy.deepcopy(ours)
+    apply_compile(compiled, whole_model=False, backend=_compile_backend(quick))
     clip = CLIPModel(clip_config_from_model_config(cfg))
     clip.load_state_dict(bigmodel_to_clip_state_dict(ours.state_dict()), strict=False)
+    models = {"clip": clip, "ours": ours, "compiled": compiled}
     batch = _batch(shape)
     flops = flops_per_sample(cfg, ("contrastive",), text_tokens=shape.tokens)["train"] * shape.batch
-    return [f for precision in precisions for f in _compare(ours, clip, batch, flops, shape, precision, quick)]
+    return [f for precision in precisions for f in _compare(models, batch, flops, shape, precision, quick)]
 
 
-def _compare(ours, clip, batch, flops: float, shape: ClipShape, precision: str, quick: bool) -> list[Figure]:
-    """Figures (b) and (c) at one precision; see model_speed."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+def _compile_backend(quick: bool) -> str:
+    return "eager" if quick else "inductor"
+
+
+def _train_step(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> Callable[[], None]:
+    """Forward (bf16 autocast or fp32), contrastive loss and backward of bigmodel's model or of CLIPModel."""
+    ours = isinstance(model, MultimodalEncoder)
     weights = LossWeights(contrastive=1.0, itm=0.0, mlm=0.0)
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(batch) if ours else model(**batch, return_loss=True)
+        # bigmodel's loss runs outside autocast, as in the engine; CLIPModel computes its loss inside its forward.
+        loss = total_loss(out, weights)[0] if ours else out.loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
 
-    def step_ours() -> None:
-        with autocast():
-            out = ours(batch)
-        total_loss(out, weights)[0].backward()
-        ours.zero_grad(set_to_none=True)
+    return step
 
-    def step_clip() -> None:
-        with autocast():
-            out = clip(**batch, return_loss=True)
-        out.loss.backward()
-        clip.zero_grad(set_to_none=True)
+
+def _compare(
+    models: dict[str, nn.Module], batch: dict[str, torch.Tensor], flops: float, shape: ClipShape, precision: str,
+    quick: bool,
+) -> list[Figure]:  # fmt: skip
+    """Figures (b) and (c) at one precision, for the eager and the compiled model; see model_speed."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    steps = {name: _train_step(model, batch, precision) for name, model in models.items()}
+    # The first call at a precision compiles (dynamo guards on autocast, so bf16 compiles again): what a user of
+    # train.compile waits for before the first step.
+    start = time.perf_counter()
+    steps["compiled"]()
+    compile_seconds = time.perf_counter() - start
 
     size = 256 if quick else 1024
     peaks: list[float] = []
@@ -170,34 +194,45 @@ def _compare(ours, clip, batch, flops: float, shape: ClipShape, precision: str, 
     def peak() -> None:
         peaks.append(measure_matmul_peak(dtype, torch.device("cpu"), size=size, seconds=0.05 if quick else 0.5))
 
-    times = interleaved({"clip": step_clip, "ours": step_ours, "peak": peak}, repeats=2 if quick else 7)
+    times = interleaved(steps | {"peak": peak}, repeats=2 if quick else 7)
     peaks = peaks[-len(times["ours"]) :]  # the warm-up call's peak is not paired with a timed step
-    achieved = [flops / t for t in times["ours"]]
-    mfu = [a / p for a, p in zip(achieved, peaks, strict=True)]
-    clip_mfu = [flops / t / p for t, p in zip(times["clip"], peaks, strict=True)]
-    common = {"shape": shape.__dict__, "seconds": {k: v for k, v in times.items() if k != "peak"}}
+    common = {
+        "shape": shape.__dict__,
+        "seconds": {k: v for k, v in times.items() if k != "peak"},
+        "compile_first_step_seconds": compile_seconds,
+        "compile_backend": _compile_backend(quick),
+    }
     command = f"bigmodel bench --only clip --precision {precision}"
-    return [
-        Figure(
-            name=f"model_vs_clip_{precision}",
-            title=f"step time (forward + backward), {precision}: bigmodel model / transformers CLIPModel",
-            ratio=paired_ratio(times["ours"], times["clip"]),
-            target=0.95 if precision == "fp32" else 0.8,
-            direction="<=",
-            baseline={"label": "CLIPModel", "value": median(times["clip"]), "unit": "s/step"},
-            candidate={"label": "MultimodalEncoder", "value": median(times["ours"]), "unit": "s/step"},
-            command=command,
-            details=common | {"clip_mfu": median(clip_mfu)},
-        ),
-        Figure(
-            name=f"cpu_mfu_{precision}",
-            title=f"CPU MFU, {precision}: model FLOP/s / matmul peak measured in the same run",
-            ratio=median(mfu),
-            target=0.85 if precision == "fp32" else 0.65,
-            direction=">=",
-            baseline={"label": f"matmul peak {size}x{size}", "value": median(peaks), "unit": "FLOP/s"},
-            candidate={"label": "model (train FLOPs / step time)", "value": median(achieved), "unit": "FLOP/s"},
-            command=command,
-            details=common | {"train_flops_per_step": flops, "per_repeat_mfu": mfu},
-        ),
-    ]
+    figures = []
+    for name, suffix, label in (
+        ("ours", "", "MultimodalEncoder"),
+        ("compiled", "_compiled", "MultimodalEncoder, train.compile"),
+    ):
+        achieved = [flops / t for t in times[name]]
+        mfu = [a / p for a, p in zip(achieved, peaks, strict=True)]
+        clip_mfu = [flops / t / p for t, p in zip(times["clip"], peaks, strict=True)]
+        figures += [
+            Figure(
+                name=f"model_vs_clip_{precision}{suffix}",
+                title=f"step time (forward + backward), {precision}: {label} / transformers CLIPModel",
+                ratio=paired_ratio(times[name], times["clip"]),
+                target=0.95 if precision == "fp32" else 0.8,
+                direction="<=",
+                baseline={"label": "CLIPModel", "value": median(times["clip"]), "unit": "s/step"},
+                candidate={"label": label, "value": median(times[name]), "unit": "s/step"},
+                command=command,
+                details=common | {"clip_mfu": median(clip_mfu)},
+            ),
+            Figure(
+                name=f"cpu_mfu_{precision}{suffix}",
+                title=f"CPU MFU, {precision}, {label}: model FLOP/s / matmul peak measured in the same run",
+                ratio=median(mfu),
+                target=0.85 if precision == "fp32" else 0.65,
+                direction=">=",
+                baseline={"label": f"matmul peak {size}x{size}", "value": median(peaks), "unit": "FLOP/s"},
+                candidate={"label": f"{label} (train FLOPs / step time)", "value": median(achieved), "unit": "FLOP/s"},
+                command=command,
+                details=common | {"train_flops_per_step": flops, "per_repeat_mfu": mfu},
+            ),
+        ]
+    return figures

@@ -43,6 +43,10 @@ def test_single_process_benches_write_their_figures(suite):
         "model_vs_clip_bf16",
         "cpu_mfu_fp32",
         "cpu_mfu_bf16",
+        "model_vs_clip_fp32_compiled",
+        "model_vs_clip_bf16_compiled",
+        "cpu_mfu_fp32_compiled",
+        "cpu_mfu_bf16_compiled",
         "checkpoint_save",
         "checkpoint_load",
     }
@@ -60,6 +64,18 @@ def test_mfu_is_flops_over_the_peak_measured_beside_it(suite):
             per_repeat = f["details"]["per_repeat_mfu"]
             assert min(per_repeat) <= f["ratio"] <= max(per_repeat)
             assert f["candidate"]["value"] > 0 and f["baseline"]["value"] > 0
+
+
+def test_compiled_model_is_timed_beside_the_eager_one(suite):
+    _, summary = suite
+    compiled = [f for f in summary["figures"] if f["name"].endswith("_compiled")]
+    assert len(compiled) == 4
+    for f in compiled:
+        seconds = f["details"]["seconds"]
+        assert seconds.keys() == {"clip", "ours", "compiled"}
+        assert len({len(times) for times in seconds.values()}) == 1  # interleaved: one time of each per repeat
+        assert f["details"]["compile_backend"] == "eager"  # quick mode traces with dynamo but compiles no C++
+        assert f["details"]["compile_first_step_seconds"] > 0
 
 
 def test_distributed_benches_count_what_the_planner_predicts():
