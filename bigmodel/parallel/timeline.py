@@ -74,6 +74,16 @@ def replayed_bubble(events: list[dict[str, Any]]) -> float:
     return 1.0 - busy / (max(clock.values()) * len(queues))
 
 
+def steady_replayed_bubble(events: list[dict[str, Any]]) -> float:
+    """replayed_bubble with every operation lasting its rank's mean for its kind: what the schedule, the stage split
+    and the forward/backward ratio explain without the machine's run-to-run variation of single operations."""
+    means = {}
+    for rank, kind in {(e["rank"], e["kind"]) for e in events}:
+        durations = [e["end"] - e["start"] for e in events if e["rank"] == rank and e["kind"] == kind]
+        means[(rank, kind)] = sum(durations) / len(durations)
+    return replayed_bubble([e | {"end": e["start"] + means[(e["rank"], e["kind"])]} for e in events])
+
+
 def chrome_trace(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The events in Chrome's trace-event format (one row per pipeline rank, times in microseconds)."""
     trace = [
@@ -144,6 +154,7 @@ def write_timeline(steps: list[list[list[dict[str, Any]]]], schedule: str, micro
         "measured_bubble": measured[median_index],
         "theoretical_bubble": theory,
         "replayed_bubble": replayed_bubble(events),
+        "steady_replayed_bubble": steady_replayed_bubble(events),
         "busy_ms_per_rank": [sum(e["end"] - e["start"] for e in events if e["rank"] == r) for r in range(ranks)],
         "steps_recorded": len(steps),
         "measured_bubble_per_step": measured,
