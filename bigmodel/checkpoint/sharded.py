@@ -185,20 +185,27 @@ class RawRecordWriter(FileSystemWriter):
     g), and loading a raw record unpickles nothing (bigmodel.checkpoint.safe.SafeReader reads them). Non-tensor items
     (hyper-parameters, the schedule) stay DCP's torch.save of plain data. One file per rank, `__<rank>_0.distcp`,
     fsynced before the index is written; the thread_count and serialization_format options do not apply.
+
+    Each rank checksums its file as it writes it and leaves the digest beside it (`<file>.digest`), which the main
+    rank takes into the manifest (`_checksums`) instead of reading every rank's bytes back.
     """
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         results = []
+        digest = _HASHES[CHECKSUM]()
         with open(Path(self.path) / name, "wb") as f:
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = f.tell()
-                f.write(data.getbuffer() if item.type == WriteItemType.BYTE_IO else tensor_bytes(data))
+                record = data.getbuffer() if item.type == WriteItemType.BYTE_IO else tensor_bytes(data)
+                f.write(record)
+                digest.update(record)
                 info = _StorageInfo(relative_path=name, offset=offset, length=f.tell() - offset)
                 results.append(WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info))
             f.flush()
             os.fsync(f.fileno())
+        (Path(self.path) / f"{name}{DIGEST_SUFFIX}").write_text(f"{CHECKSUM}:{digest.hexdigest()}", encoding="utf-8")
         written: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         written.set_result(results)
         return written
@@ -384,9 +391,23 @@ def _files(folder: Path) -> list[str]:
 _HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
+DIGEST_SUFFIX = ".digest"
+"""A file's checksum left beside it by the rank that wrote it (RawRecordWriter); `_checksums` takes and removes it."""
+
+
 def _checksums(folder: Path) -> dict[str, str]:
-    """`CHECKSUM:<hex digest>` of every file under `folder`, by relative path."""
-    return {name: f"{CHECKSUM}:{_digest(folder / name, CHECKSUM)}" for name in _files(folder)}
+    """`CHECKSUM:<hex digest>` of every file under `folder`, by relative path: the digest its writer left beside it
+    (removed here), or else computed from the file (the index, files other tools wrote)."""
+    names = _files(folder)
+    sums = {}
+    for name in (n for n in names if not n.endswith(DIGEST_SUFFIX)):
+        left = folder / f"{name}{DIGEST_SUFFIX}"
+        if f"{name}{DIGEST_SUFFIX}" in names:
+            sums[name] = left.read_text(encoding="utf-8")
+            left.unlink()
+        else:
+            sums[name] = f"{CHECKSUM}:{_digest(folder / name, CHECKSUM)}"
+    return sums
 
 
 def _digest(file: Path, algorithm: str) -> str:

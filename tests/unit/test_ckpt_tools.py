@@ -229,3 +229,21 @@ def test_cli(clip_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     )
     err = capsys.readouterr().err
     assert err.startswith("error: no complete checkpoint at") and err.count("\n") == 1
+
+
+def test_writers_checksum_their_own_files(tmp_path):
+    # Each rank's writer hashes its file while writing and leaves the digest beside it; the manifest step takes
+    # that digest (and removes the file) instead of reading the bytes back, and hashes what no writer left one for.
+    import torch.distributed.checkpoint as dcp
+
+    from bigmodel.checkpoint.sharded import CHECKSUM, DIGEST_SUFFIX, RawRecordWriter, _checksums, _digest
+
+    state = {"weight": torch.randn(64, 32), "bias": torch.arange(7.0), "step": 3}
+    dcp.save(state, storage_writer=RawRecordWriter(tmp_path))
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(DIGEST_SUFFIX))
+    assert left == ["__0_0.distcp" + DIGEST_SUFFIX]
+    sums = _checksums(tmp_path)
+    assert sorted(sums) == [".metadata", "__0_0.distcp"]
+    assert not any(p.name.endswith(DIGEST_SUFFIX) for p in tmp_path.iterdir())
+    for name, recorded in sums.items():
+        assert recorded == f"{CHECKSUM}:{_digest(tmp_path / name, CHECKSUM)}", name
