@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from bigmodel.bench.common import ROOT, Figure, interleaved, median, paired_ratio
@@ -71,25 +68,6 @@ def evict(*paths: Path) -> None:
             os.close(fd)
 
 
-def interleaved_cold(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int, cold: Callable[[], None]
-) -> dict[str, list[float]]:
-    """bigmodel.bench.common.interleaved with `cold()` run, untimed, before every call (warm-up calls too)."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            cold()
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            cold()
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str | None) -> dict[str, object]:
     """Seconds of save and load of a one-process engine after one step (`model`: config overrides of tiny.yaml)
     beside writing (with fsync) and reading the same number of bytes as one plain file in the same folder.
@@ -133,9 +111,9 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
                 repeats,
                 warmup,
             ),
-            "read": interleaved_cold({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup, cold),
-            "verified_read": interleaved_cold(
-                {"raw": lambda: _raw_read(raw), "verify_load": verify_load}, repeats, 0, cold
+            "read": interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup, before=cold),
+            "verified_read": interleaved(
+                {"raw": lambda: _raw_read(raw), "verify_load": verify_load}, repeats, 0, before=cold
             ),
             "cached_read": interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup),
         }
@@ -166,7 +144,6 @@ def checkpoint_rates(quick: bool = False, directory: str | None = None) -> list[
         name: checkpoint_times(model, repeats if name != "large" else 5, warmup, directory)
         for name, model in sizes.items()
     }
-    main = measured["quick" if quick else "full"]
     details = {
         name: {
             "bytes": times["bytes"],
@@ -179,20 +156,20 @@ def checkpoint_rates(quick: bool = False, directory: str | None = None) -> list[
         for name, times in measured.items()
     }
     figures = []
-    for name, part, key, label in (
-        ("save", "write", "save", "write (fsync)"),
-        ("load", "read", "load", "read (page cache dropped)"),
+    for name, detail, label in (
+        ("save", "save", "write (fsync)"),
+        ("load", "load_from_disk", "read (page cache dropped)"),
     ):
-        times = main[part]
+        rates = details["quick" if quick else "full"][detail]
         figures.append(
             Figure(
                 name=f"checkpoint_{name}",
                 title=f"checkpoint {name} rate / raw disk {label} rate (same bytes, same folder)",
-                ratio=paired_ratio(times["raw"], times[key]),  # rate ratio = inverse time ratio
+                ratio=rates["ratio"],
                 target=0.8,
                 direction=">=",
-                baseline={"label": f"raw {label}", "value": main["bytes"] / median(times["raw"]), "unit": "bytes/s"},
-                candidate={"label": f"{name}_sharded", "value": main["bytes"] / median(times[key]), "unit": "bytes/s"},
+                baseline={"label": f"raw {label}", "value": rates["raw_bytes_per_s"], "unit": "bytes/s"},
+                candidate={"label": f"{name}_sharded", "value": rates[f"{name}_bytes_per_s"], "unit": "bytes/s"},
                 command="bigmodel bench --only checkpoint",
                 details=details,
             )

@@ -41,15 +41,24 @@ class Figure:
         return asdict(self) | {"met": self.met}
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    before: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each function, run in turn (a, b, a, b, ...) so that load changes on a shared machine
-    hit all of them alike. Warm-up calls are not timed."""
+    hit all of them alike. Warm-up calls are not timed. `before`, if given, runs untimed before every call (warm-up
+    calls too), e.g. to drop files from the page cache."""
+    prepare = before or (lambda: None)
     for fn in candidates.values():
         for _ in range(warmup):
+            prepare()
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            prepare()
             gc.collect()
             start = time.perf_counter()
             fn()
