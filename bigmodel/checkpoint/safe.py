@@ -9,9 +9,11 @@ stores them as raw bytes, which nothing unpickles.
 
 `SafeReader` unpickles the index with an allow-list of DCP's own metadata classes and reads tensors as the raw
 bytes bigmodel stores them in (`bigmodel.checkpoint.sharded.RawRecordWriter`: nothing to unpickle), and
-`SafeLoadPlanner` reads non-tensor items with `torch.load(weights_only=True)` (plain numbers, strings, tuples, lists,
-dicts, None). Either refuses anything else with `UnsafeCheckpointError`, a one-line ValueError naming the file,
-before building the object. Every bigmodel load of a DCP checkpoint goes through `load_dcp` or these two classes.
+`SafeLoadPlanner` reads non-tensor items (bigmodel stores plain numbers, strings, tuples, lists, dicts and None as a
+pickle that names no class: `plain_record`) with an unpickler that refuses every global, or, where the item is a
+torch.save record, with `torch.load(weights_only=True)`. Either refuses anything else with `UnsafeCheckpointError`,
+a one-line ValueError naming the file, before building the object. Every bigmodel load of a DCP checkpoint goes
+through `load_dcp` or these two classes.
 """
 
 from __future__ import annotations
@@ -180,18 +182,48 @@ class OnceReadReader(SafeReader):
         return self._metadata
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds numbers, strings, bytes, None, tuples, lists, sets and dicts only (a `plain_record`): every reference
+    to a class or function is refused before it is imported, so nothing can be called."""
+
+    def __init__(self, file: IO[bytes], fqn: str) -> None:
+        super().__init__(file)
+        self.fqn = fqn
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafeCheckpointError(
+            f"checkpoint item {self.fqn} holds a pickled {module}.{name}, which is not plain data; refusing to load it "
+            "(the checkpoint is crafted or corrupt)"
+        )
+
+
+def read_plain_record(value: IO[bytes], fqn: str) -> Any:
+    """A non-tensor item: a `plain_record` (bigmodel.checkpoint.sharded), read with _PlainUnpickler, or a torch.save
+    record (DCP's default, and what bigmodel stores for anything but plain data), read with weights_only=True."""
+    if value.read(1) == pickle.PROTO:
+        value.seek(0)
+        try:
+            return _PlainUnpickler(value, fqn).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as err:  # truncated or garbage: any unpickling error
+            raise ValueError(f"checkpoint item {fqn} is not a readable record ({type(err).__name__}: {err})") from None
+    value.seek(0)
+    try:
+        return torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"checkpoint item {fqn} holds a pickled {_refused_global(err)}, which is not plain data; refusing to "
+            "load it (the checkpoint is crafted or corrupt)"
+        ) from None
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that reads non-tensor items with torch.load(weights_only=True)."""
+    """DefaultLoadPlanner that reads non-tensor items with read_plain_record."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(
-                f"checkpoint item {fqn} holds a pickled {_refused_global(err)}, which is not plain data; refusing to "
-                "load it (the checkpoint is crafted or corrupt)"
-            ) from None
+        obj = read_plain_record(value, fqn)
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
 

@@ -7,7 +7,8 @@ whose global shape is the parameter's), AdamW's state per parameter name in the 
 with each parameter's hyper-parameters in one item (`param_groups.<name>`: see pack_hyperparameters), and the LR
 schedule. Layout of one checkpoint folder:
   __<rank>_0.distcp     one file per saving rank (RawRecordWriter): each tensor shard as its raw bytes, each other
-                        item (hyper-parameters, schedule) as a torch.save of plain data
+                        item (hyper-parameters, schedule) as a pickle of plain data (`plain_record`; a torch.save of
+                        it where it holds anything else)
   .metadata             DCP's index: every item's dtype, shape, chunks and place in the files
   manifest.json         format, byte order, step, the caller's JSON `extra`, the layout saved from, torch version, a
                         checksum of every file ("xxh3_128:<hex>"; a bare hex digest is sha256, as format 2 wrote them)
@@ -16,9 +17,12 @@ A checkpoint is written to a temporary folder next to `path` and renamed to `pat
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import threading
@@ -33,14 +37,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.checkpoint.storage import WriteResult
 
@@ -63,15 +68,14 @@ def engine_state_dict(engine: NativeEngine) -> dict[str, Any]:
     with the model where they can, so `dcp.load` into this dict loads in place. Every rank calls it (a collective for
     ZeroOptimizer stages 1 and 2).
     """
-    model: dict[str, Any] = {}
-    for module in engine.model_parts():
-        model.update(get_model_state_dict(module))
-    if engine.zero is not None:
-        optim = engine.zero.fqn_state_dict()
-    elif len(engine.model_parts()) > 1:
-        optim = parts_optimizer_state(engine)
+    parts = engine.model_parts()
+    if engine.zero is None and len(parts) == 1:  # torch's helpers inspect the module once for both
+        model, optim = get_state_dict(parts[0], engine.optimizer, options=_OPTIM_OPTIONS)
     else:
-        optim = get_optimizer_state_dict(engine.model_parts()[0], engine.optimizer, options=_OPTIM_OPTIONS)
+        model = {}
+        for module in parts:
+            model.update(get_model_state_dict(module))
+        optim = engine.zero.fqn_state_dict() if engine.zero is not None else parts_optimizer_state(engine)
     return {"model": model, "optim": pack_hyperparameters(optim), "scheduler": engine.scheduler.state_dict()}
 
 
@@ -82,17 +86,20 @@ AdamW foreach over its shards, a pipeline stage per tensor), so a checkpoint's n
 
 def load_engine_state_dict(engine: NativeEngine, state: dict[str, Any]) -> None:
     """Put `state` (engine_state_dict's form, filled by `dcp.load`) into the engine's model, optimizer and schedule."""
-    for module in engine.model_parts():
-        own = set(get_model_state_dict(module))
-        set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in own})
-    optim = unpack_hyperparameters(state["optim"])
+    parts, optim = engine.model_parts(), unpack_hyperparameters(state["optim"])
     implementation = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in engine.optimizer.param_groups]
-    if engine.zero is not None:
-        engine.zero.load_fqn_state_dict(optim)
-    elif len(engine.model_parts()) > 1:
-        load_parts_optimizer_state(engine, optim)
+    if engine.zero is None and len(parts) == 1:
+        set_state_dict(
+            parts[0], engine.optimizer, model_state_dict=state["model"], optim_state_dict=optim, options=_OPTIM_OPTIONS
+        )
     else:
-        set_optimizer_state_dict(engine.model_parts()[0], engine.optimizer, optim, options=_OPTIM_OPTIONS)
+        for module in parts:
+            own = state["model"] if len(parts) == 1 else set(get_model_state_dict(module))
+            set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in own})
+        if engine.zero is not None:
+            engine.zero.load_fqn_state_dict(optim)
+        else:
+            load_parts_optimizer_state(engine, optim)
     for group, own in zip(engine.optimizer.param_groups, implementation, strict=True):
         group.update(own)
     engine.scheduler.load_state_dict(state["scheduler"])
@@ -104,8 +111,8 @@ def pack_hyperparameters(flat: dict[str, Any]) -> dict[str, Any]:
 
     DCP stores every item as a separate record (a `torch.save` each, and an entry in the index); the hyper-parameters
     were three quarters of a checkpoint's items and up to a third of its save and half of its load time
-    (docs/benchmarks.md, row g). A tuple of plain values is one item (DCP does not descend into tuples) and still
-    loads with `torch.load(weights_only=True)`. Per parameter name, like the rest of the state, so the form does not
+    (docs/benchmarks.md, row g). A tuple of plain values is one item (DCP does not descend into tuples), stored as a
+    `plain_record`. Per parameter name, like the rest of the state, so the form does not
     depend on the layout.
     """
     packed: dict[str, Any] = {}
@@ -177,14 +184,52 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+_PLAIN_TYPES = (int, float, str, bytes, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    return type(value) in (*_PLAIN_TYPES, bool)  # exact types: a subclass pickles as a reference to its class
+
+
+def plain_record(value: Any) -> bytes | None:
+    """`value` pickled without references to any class or function (numbers, strings, bytes, None and tuples, lists,
+    sets and dicts of them: hyper-parameters, the schedule's state), or None where it holds anything else.
+
+    Such a record loads with an unpickler that refuses every global (bigmodel.checkpoint.safe), in a few microseconds
+    where torch.load(weights_only=True) of the same value takes ~200: the optimizer's hyper-parameters are one item
+    per parameter (pack_hyperparameters), a quarter of a small checkpoint's load time as torch.save records
+    (docs/benchmarks.md, row g). A record starts with pickle's PROTO opcode; a torch.save record (a zip) with "PK".
+    """
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if _is_plain(value) else None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Any:
+    """Python's cyclic garbage collector off for the block. Building a checkpoint's state dict and index allocates
+    thousands of small objects, which trigger full collections over a training process's ~300k objects (0.1-0.15 s
+    each, measured at 15M parameters); everything checkpointing allocates is freed by reference counting."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class RawRecordWriter(FileSystemWriter):
     """DCP's FileSystemWriter with each tensor stored as its raw bytes (`tensor_bytes`) instead of a `torch.save`.
 
     DCP's index already holds every stored chunk's dtype and shape, so a record needs no header; torch.save's zip
     framing, pickling and CRC32 cost ~60% over writing the bytes at a typical 100 kB tensor (docs/benchmarks.md, row
     g), and loading a raw record unpickles nothing (bigmodel.checkpoint.safe.SafeReader reads them). Non-tensor items
-    (hyper-parameters, the schedule) stay DCP's torch.save of plain data. One file per rank, `__<rank>_0.distcp`,
-    fsynced before the index is written; the thread_count and serialization_format options do not apply.
+    (hyper-parameters, the schedule) are `plain_record`s where they are plain data, else DCP's torch.save. One file
+    per rank, `__<rank>_0.distcp`, fsynced before the index is written; the thread_count and serialization_format
+    options do not apply.
 
     Each rank checksums its file as it writes it and leaves the digest beside it (`<file>.digest`), which the main
     rank takes into the manifest (`_checksums`) instead of reading every rank's bytes back.
@@ -196,9 +241,8 @@ class RawRecordWriter(FileSystemWriter):
         digest = _HASHES[CHECKSUM]()
         with open(Path(self.path) / name, "wb") as f:
             for item in plan.items:
-                data = planner.resolve_data(item)
                 offset = f.tell()
-                record = data.getbuffer() if item.type == WriteItemType.BYTE_IO else tensor_bytes(data)
+                record = _record(item, planner)
                 f.write(record)
                 digest.update(record)
                 info = _StorageInfo(relative_path=name, offset=offset, length=f.tell() - offset)
@@ -209,6 +253,16 @@ class RawRecordWriter(FileSystemWriter):
         written: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         written.set_result(results)
         return written
+
+
+def _record(item: WriteItem, planner: SavePlanner) -> bytes | memoryview:
+    """The bytes RawRecordWriter stores for `item`: a tensor's raw bytes, a plain_record, or DCP's torch.save."""
+    if item.type == WriteItemType.BYTE_IO and isinstance(planner, DefaultSavePlanner):
+        record = plain_record(planner.lookup_object(item.index))
+        if record is not None:
+            return record
+    data = planner.resolve_data(item)
+    return data.getbuffer() if item.type == WriteItemType.BYTE_IO else tensor_bytes(data)
 
 
 class PendingSave:
@@ -265,7 +319,8 @@ def save_sharded(
     then calls `on_complete(path)`.
     """
     pending = _start_save(Path(path), engine, extra, on_complete)
-    dcp.save(engine_state_dict(engine), storage_writer=RawRecordWriter(pending.tmp))
+    with gc_paused():
+        dcp.save(engine_state_dict(engine), storage_writer=RawRecordWriter(pending.tmp))
     if dist.is_initialized():
         dist.barrier()
     pending._finish()
@@ -286,8 +341,9 @@ def save_sharded_async(
     the writer's collectives never interleave with training's. Call `.wait()` before the next save and before
     the process exits."""
     pending = _start_save(Path(path), engine, extra, on_complete)
-    state, writer = engine_state_dict(engine), RawRecordWriter(pending.tmp)
-    response = dcp.async_save(state, storage_writer=writer, process_group=group)
+    with gc_paused():  # the state dict and its copy to host memory; the writing thread runs with the collector on
+        state, writer = engine_state_dict(engine), RawRecordWriter(pending.tmp)
+        response = dcp.async_save(state, storage_writer=writer, process_group=group)
     pending.start_background(getattr(response, "upload_completion", response))  # a Future, or one inside a response
     return pending
 
@@ -321,9 +377,10 @@ def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:
 
     path = Path(path)
     manifest = read_sharded_manifest(path)
-    state = engine_state_dict(engine)
-    load_dcp(state, path)  # never unpickles code from the checkpoint (bigmodel.checkpoint.safe)
-    load_engine_state_dict(engine, state)
+    with gc_paused():
+        state = engine_state_dict(engine)
+        load_dcp(state, path)  # never unpickles code from the checkpoint (bigmodel.checkpoint.safe)
+        load_engine_state_dict(engine, state)
     return manifest["extra"]
 
 

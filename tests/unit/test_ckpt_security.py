@@ -2,10 +2,10 @@
 
 A planted object's `__reduce__` creates a marker file when unpickled by Python's pickle. It is planted in every place a
 bigmodel checkpoint or a transformers directory could carry a pickle: DCP's `.metadata` index, a non-tensor item of a
-shard (a torch.save blob, a `.pt` in all but name), a tensor item of a shard (raw bytes in bigmodel's format, a
-torch.save blob in DCP's), and pytorch_model.bin. The
-manifest's checksums are recomputed after planting, as whoever crafts a checkpoint would. Each case first shows that
-the plant is live (the unsafe reader DCP or torch would use creates the marker), then that bigmodel refuses with one
+shard (a torch.save blob, a `.pt` in all but name, or a bare pickle, as bigmodel stores plain data), a tensor item of
+a shard (raw bytes in bigmodel's format, a torch.save blob in DCP's), and pytorch_model.bin. The manifest's checksums
+are recomputed after planting, as whoever crafts a checkpoint would. Each case first shows that the plant is live
+(the unsafe reader DCP or torch would use creates the marker), then that bigmodel refuses with one
 line and the marker never appears.
 """
 
@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from bigmodel.checkpoint.safe import UnsafeCheckpointError, read_dcp_metadata
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, engine_state_dict, load_sharded, verify_manifest
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, load_sharded, verify_manifest
 from bigmodel.checkpoint.tools import consolidate
 from bigmodel.cli import main as cli_main
 from bigmodel.config import load_config
@@ -122,7 +122,7 @@ def test_planted_metadata_is_refused(copy: Path, marker: Path, capsys) -> None:
 def test_planted_non_tensor_item_is_refused(copy: Path, marker: Path) -> None:
     plant_item(copy, "scheduler.last_epoch", saved_plant(marker))
     with contextlib.suppress(Exception):  # live: DCP's default planner torch.loads it with weights_only=False
-        dcp.load({"scheduler": engine_state_dict(engine_of(copy))["scheduler"]}, checkpoint_id=copy)
+        dcp.load({"scheduler": {"last_epoch": 0}}, checkpoint_id=copy)
     assert marker.exists()
     marker.unlink()
 
@@ -130,6 +130,51 @@ def test_planted_non_tensor_item_is_refused(copy: Path, marker: Path) -> None:
         load_sharded(copy, engine_of(copy))
     assert_one_line(err)
     assert not marker.exists()
+
+
+def test_planted_plain_record_is_refused(copy: Path, marker: Path) -> None:
+    """bigmodel stores plain non-tensor items as bare pickles (plain_record): one that names a class is refused."""
+    payload = pickle.dumps(Plant(marker), protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.loads(payload)  # live
+    assert marker.exists()
+    marker.unlink()
+
+    plant_item(copy, "scheduler.last_epoch", payload)
+    with pytest.raises(UnsafeCheckpointError, match=r"scheduler\.last_epoch holds a pickled pathlib\.Path") as err:
+        load_sharded(copy, engine_of(copy))
+    assert_one_line(err)
+    assert not marker.exists()
+
+    plant_item(copy, "scheduler.last_epoch", payload[: len(payload) // 2])  # cut short
+    with pytest.raises(ValueError, match=r"scheduler\.last_epoch is not a readable record") as err:
+        load_sharded(copy, engine_of(copy))
+    assert_one_line(err)
+
+
+def test_non_tensor_items_are_plain_records_and_torch_save_records_still_load(copy: Path) -> None:
+    """Hyper-parameters and the schedule are stored as plain_records; a torch.save record (what DCP and earlier
+    format-3 checkpoints store) of the same value loads the same."""
+    metadata = read_dcp_metadata(copy / ".metadata")
+    bytes_items = [(i, s) for i, s in metadata.storage_data.items() if not i.fqn.startswith(("model.", "optim.state"))]
+    assert bytes_items and all(i.fqn.startswith(("optim.param_groups.", "scheduler.")) for i, _ in bytes_items)
+    for index, info in bytes_items:
+        with open(copy / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            assert f.read(1) == pickle.PROTO, index.fqn
+
+    engine = engine_of(copy)
+    load_sharded(copy, engine)
+    expected = engine.scheduler.state_dict(), [dict(g, params=None) for g in engine.optimizer.param_groups]
+    for index, info in bytes_items:
+        with open(copy / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            value = pickle.loads(f.read(info.length))
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        plant_item(copy, index.fqn, buffer.getvalue())
+    engine = engine_of(copy)
+    load_sharded(copy, engine)
+    assert (engine.scheduler.state_dict(), [dict(g, params=None) for g in engine.optimizer.param_groups]) == expected
 
 
 def test_planted_tensor_item_is_never_unpickled(copy: Path, marker: Path) -> None:
