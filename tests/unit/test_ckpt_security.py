@@ -152,8 +152,8 @@ def test_planted_plain_record_is_refused(copy: Path, marker: Path) -> None:
 
 
 def test_non_tensor_items_are_plain_records_and_torch_save_records_still_load(copy: Path) -> None:
-    """Hyper-parameters and the schedule are stored as plain_records; a torch.save record (what DCP and earlier
-    format-3 checkpoints store) of the same value loads the same."""
+    """Hyper-parameters and the schedule are stored as plain_records; torch.save records of the values (what DCP and
+    earlier format-3 checkpoints store: hyper-parameters as a tuple of pairs) load the same."""
     metadata = read_dcp_metadata(copy / ".metadata")
     bytes_items = [(i, s) for i, s in metadata.storage_data.items() if not i.fqn.startswith(("model.", "optim.state"))]
     assert bytes_items and all(i.fqn.startswith(("optim.param_groups.", "scheduler.")) for i, _ in bytes_items)
@@ -169,6 +169,8 @@ def test_non_tensor_items_are_plain_records_and_torch_save_records_still_load(co
         with open(copy / info.relative_path, "rb") as f:
             f.seek(info.offset)
             value = pickle.loads(f.read(info.length))
+        if isinstance(value, bytes):  # hyper-parameters: a plain record of the tuple earlier checkpoints stored
+            value = pickle.loads(value)
         buffer = io.BytesIO()
         torch.save(value, buffer)
         plant_item(copy, index.fqn, buffer.getvalue())

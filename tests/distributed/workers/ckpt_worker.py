@@ -10,12 +10,14 @@ measurements to --out as JSON and the saved whole state to <ckpt>.state.pt for t
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from bigmodel.checkpoint.safe import read_plain_record
 from bigmodel.checkpoint.sharded import IMPLEMENTATION_KEYS, engine_state_dict, load_sharded, save_sharded
 from bigmodel.config import load_config
 from bigmodel.data import build_train_loader
@@ -59,8 +61,10 @@ def whole_state(engine) -> dict[str, object]:
 
 
 def hyperparameters(value: object) -> object:
-    """A packed hyper-parameter item without the settings each layout picks for itself (foreach, ...); other values
-    as they are."""
+    """A packed hyper-parameter item (read from its plain record) without the settings each layout picks for itself
+    (foreach, ...); other values as they are."""
+    if isinstance(value, bytes):
+        value = read_plain_record(io.BytesIO(value), "hyper-parameters")
     if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
         return {k: v for k, v in value if k not in IMPLEMENTATION_KEYS}
     return value
