@@ -83,6 +83,8 @@ class Layout:
     microbatches: int
     """Microbatches per step: gradient accumulation, or the pipeline's microbatches."""
     activation_checkpointing: bool
+    reshard_after_forward: bool = True
+    """ZeRO-3: free each block's gathered parameters after its forward (False: keep them until its backward)."""
 
     @property
     def dp(self) -> int:
@@ -108,11 +110,15 @@ class Layout:
         elif self.microbatches > 1:
             items.append(f"--train.grad_accum={self.microbatches}")
         items.append(f"--train.activation_checkpointing={str(self.activation_checkpointing).lower()}")
+        if self.zero_stage == 3 and not self.reshard_after_forward:
+            items.append("--parallel.reshard_after_forward=false")
         return items
 
     def describe(self) -> str:
         parts = [f"dp{self.dp}" if self.dp_replicate == 1 else f"hsdp{self.dp_replicate}x{self.dp_shard}"]
         parts.append(f"zero{self.zero_stage}")
+        if self.zero_stage == 3 and not self.reshard_after_forward:
+            parts.append("keep")
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + ("+sp" if self.sp else ""))
         if self.pp > 1:
@@ -418,13 +424,16 @@ def buffer_bytes(cfg: ModelConfig, table: ParameterTable, stage: Stage, layout: 
     """Temporary buffers of the gradient and parameter communication.
 
     ZeRO-3 (FSDP2): a block's gathered parameters, the next block's (prefetched) and a block's unsharded gradient
-    before its reduce-scatter, fp32. ZeRO 0-2: a 25 MiB bucket flattened for its collective, twice (send and
-    receive or padding).
+    before its reduce-scatter, fp32; with `reshard_after_forward` false every gathered parameter of the stage is
+    held from the end of its forward into the backward, plus a block's gradient. ZeRO 0-2: a 25 MiB bucket
+    flattened for its collective, twice (send and receive or padding).
     """
     if layout.dp == 1:
         return 0.0
     if layout.zero_stage == 3:
         biggest = max((sum(table.blocks[b]) for b in stage.blocks), default=0)
+        if not layout.reshard_after_forward:
+            return FP32 * (stage.parameters(table, layout.tp) + biggest / layout.tp)
         return 3 * FP32 * biggest / layout.tp
     return 2 * 25 * 2**20
 
@@ -442,13 +451,15 @@ def dp_comm_bytes(params: float, layout: Layout, microbatches: int) -> float:
     """Gradient and parameter traffic per step for a rank holding `params` elements (before dp sharding), fp32.
 
     ZeRO 0: all-reduce the gradients once per step; 1: plus all-gather the updated chunks; 2: reduce-scatter plus
-    all-gather; 3 (FSDP2): per microbatch, all-gather in forward and again in backward and reduce-scatter the
-    gradients; HSDP also all-reduces each shard's gradient over the replicas, per microbatch.
+    all-gather; 3 (FSDP2): per microbatch, all-gather in forward and again in backward (only in forward with
+    `reshard_after_forward` false) and reduce-scatter the gradients; HSDP also all-reduces each shard's gradient
+    over the replicas, per microbatch.
     """
     full = FP32 * params
     stage = layout.zero_stage
     if stage == 3:
-        per_mb = 2 * ring(full, layout.dp_shard, "all_gather") + ring(full, layout.dp_shard, "reduce_scatter")
+        gathers = 2 if layout.reshard_after_forward else 1
+        per_mb = gathers * ring(full, layout.dp_shard, "all_gather") + ring(full, layout.dp_shard, "reduce_scatter")
         per_mb += ring(full / layout.dp_shard, layout.dp_replicate, "all_reduce")
         return microbatches * per_mb
     n = layout.dp
@@ -638,14 +649,17 @@ def plan_layouts(cfg: Config, cluster: Cluster) -> Plan:
     blocks = sum(_block_counts(cfg.model, objectives).values())
     result = Plan(cluster, table.total)
     for dp_replicate, dp_shard, tp, pp, stage, sp in structural_layouts(cluster, max_pp=2 * blocks):
-        for checkpointing in (False, True):
-            result_for = _best_microbatching(
-                cfg, objectives, table, cluster, (dp_replicate, dp_shard, tp, pp, stage, sp), checkpointing
-            )
-            if isinstance(result_for, Estimate):
-                result.fitting.append(result_for)
-            else:
-                result.rejected.append(result_for)
+        # ZeRO-3 also without resharding after forward (half the all-gathers, the stage's parameters held whole
+        # through the backward); not with a pipeline, whose stages would hold them across all microbatches.
+        for reshard in (True, False) if stage == 3 and pp == 1 else (True,):
+            for checkpointing in (False, True):
+                result_for = _best_microbatching(
+                    cfg, objectives, table, cluster, (dp_replicate, dp_shard, tp, pp, stage, sp), checkpointing, reshard
+                )
+                if isinstance(result_for, Estimate):
+                    result.fitting.append(result_for)
+                else:
+                    result.rejected.append(result_for)
     result.fitting.sort(key=lambda e: (e.time["step"], e.memory["total"]))
     return result
 
@@ -657,13 +671,14 @@ def _best_microbatching(
     cluster: Cluster,
     shape: tuple[int, int, int, int, int, bool],
     checkpointing: bool,
+    reshard_after_forward: bool = True,
 ) -> Estimate | Rejection:
     """The first microbatch count (fewest first) with which the layout is legal and fits, or why none does."""
     dp_replicate, dp_shard, tp, pp, stage, sp = shape
     last: Estimate | None = None
     reason = None
     for m in microbatch_choices(cfg, dp_replicate * dp_shard, pp):
-        layout = Layout(dp_replicate, dp_shard, tp, pp, stage, sp, m, checkpointing)
+        layout = Layout(dp_replicate, dp_shard, tp, pp, stage, sp, m, checkpointing, reshard_after_forward)
         reason = check(cfg, objectives, cluster, layout)
         if reason is not None:
             if "tp=" in reason or "does not divide model" in reason or "pipeline stages" in reason:
@@ -673,7 +688,8 @@ def _best_microbatching(
         if last.fits:
             return last
     if last is None:
-        return Rejection(Layout(dp_replicate, dp_shard, tp, pp, stage, sp, 1, checkpointing), reason or "no batch")
+        layout = Layout(dp_replicate, dp_shard, tp, pp, stage, sp, 1, checkpointing, reshard_after_forward)
+        return Rejection(layout, reason or "no batch")
     gib = 2**30
     parts = ", ".join(f"{k} {v / gib:.1f}" for k, v in last.memory.items() if k != "total")
     return Rejection(

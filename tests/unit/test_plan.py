@@ -18,11 +18,15 @@ from bigmodel.models import build_model, layers
 from bigmodel.models.flops import count_parameters
 from bigmodel.parallel.pipeline import PipelineStageModel, plan_stages
 from bigmodel.parallel.plan import (
+    FP32,
     Cluster,
+    Layout,
     activation_bytes,
+    estimate,
     parameter_table,
     parse_bytes,
     plan_layouts,
+    ring,
     stages,
 )
 
@@ -138,3 +142,24 @@ def test_cli_prints_the_ranking(capsys):
     assert main(["plan", "--config", "configs/1b.yaml", "--gpus", "64", "--gpu-mem", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "best: --parallel.dp_replicate=" in out and "rejected:" in out
+
+
+def test_zero3_keeping_gathered_parameters_trades_memory_for_traffic():
+    """parallel.reshard_after_forward=false: one all-gather per microbatch instead of two, and the stage's whole
+    parameters held as buffers from forward to backward; offered for ZeRO-3 without a pipeline only."""
+    cfg = load_config("configs/1b.yaml")
+    objectives = active_objectives(cfg.train.loss_weights)
+    table = parameter_table(cfg.model, objectives)
+    cluster = Cluster(64, parse_bytes("80GB"), nodes=8)
+    free, keep = (
+        estimate(cfg, objectives, table, cluster, Layout(1, 64, 1, 1, 3, False, 8, False, reshard))
+        for reshard in (True, False)
+    )
+    assert free.comm["dp"] - keep.comm["dp"] == pytest.approx(8 * ring(FP32 * table.total, 64, "all_gather"))
+    assert keep.memory["buffers"] > FP32 * table.total > free.memory["buffers"]
+    assert load_config("configs/1b.yaml", keep.layout.overrides()).parallel.reshard_after_forward is False
+    assert "keep" in keep.layout.describe() and "keep" not in free.layout.describe()
+
+    result = plan_layouts(cfg, cluster)
+    kept = [e.layout for e in result.fitting if not e.layout.reshard_after_forward]
+    assert kept and all(layout.zero_stage == 3 and layout.pp == 1 for layout in kept)
