@@ -4,6 +4,7 @@ CLIPModel for the export, and a second checkpoint for the diff; plus the `bigmod
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -247,3 +248,29 @@ def test_writers_checksum_their_own_files(tmp_path):
     assert not any(p.name.endswith(DIGEST_SUFFIX) for p in tmp_path.iterdir())
     for name, recorded in sums.items():
         assert recorded == f"{CHECKSUM}:{_digest(tmp_path / name, CHECKSUM)}", name
+
+
+def test_writeback_starts_every_few_mib_and_keeps_the_bytes(tmp_path, monkeypatch):
+    # The writer has the kernel start writing each 8 MiB it wrote (sync_file_range, Linux) without waiting; the
+    # file holds exactly what was written, and the ranges asked for cover it without gaps.
+    import os
+
+    from bigmodel.checkpoint import sharded
+
+    asked: list[tuple[int, int]] = []
+    real = sharded._SYNC_FILE_RANGE
+    monkeypatch.setattr(
+        sharded,
+        "_SYNC_FILE_RANGE",
+        lambda fd, start, n, flags: asked.append((start, n)) or (real(fd, start, n, flags) if real else 0),
+    )
+    data = os.urandom(3 * (1 << 20) + 5)
+    with open(tmp_path / "f", "wb") as f:
+        writeback = sharded.Writeback(f, every=1 << 20)
+        for start in range(0, len(data), 100_000):
+            f.write(data[start : start + 100_000])
+            writeback.wrote()
+    assert (tmp_path / "f").read_bytes() == data
+    assert asked and asked[0][0] == 0 and all(n >= 1 << 20 for _, n in asked)
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(asked))
+    assert len(data) - sum(n for _, n in asked) < 1 << 20  # the closing fsync writes the rest
