@@ -85,7 +85,7 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
     verified_read ({raw, verify_load}: verify_manifest then load_sharded, what resuming does, from the disk) and
     cached_read ({raw, load}: both from the page cache, as the files were just written). Each interleaved.
     """
-    from bigmodel.checkpoint.sharded import load_sharded, save_sharded, verify_manifest
+    from bigmodel.checkpoint.sharded import load_sharded, save_sharded, verify_manifest, wait_for_purges
     from bigmodel.data import build_train_loader
     from bigmodel.engines import build_engine
     from bigmodel.parallel.context import setup_parallel
@@ -123,6 +123,7 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
                 },
                 repeats,
                 warmup,
+                before=wait_for_purges,  # the replaced checkpoint's deletion (background) lands on no timed call
             ),
             "read": interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup, before=cold),
             "verified_read": interleaved(

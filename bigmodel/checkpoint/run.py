@@ -4,14 +4,13 @@ replaced atomically after each complete save, the newest `checkpoint.keep` kept,
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, PendingSave, read_manifest, save_sharded_async
+from bigmodel.checkpoint.sharded import MANIFEST_FILE, PendingSave, purge, read_manifest, save_sharded_async
 
 LATEST_FILE = "latest"
 
@@ -44,7 +43,7 @@ def save_checkpoint(
         pointer.write_text(path.name, encoding="utf-8")
         os.replace(pointer, root / LATEST_FILE)
         for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
+            purge(old)  # in the background: the ranks waiting at the next barrier do not wait for the filesystem
 
     if not background:
         return engine.save_checkpoint(folder, extra, on_complete=point_latest)

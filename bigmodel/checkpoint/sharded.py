@@ -17,6 +17,7 @@ A checkpoint is written to a temporary folder next to `path` and renamed to `pat
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -25,9 +26,11 @@ import io
 import json
 import os
 import pickle
+import queue
 import shutil
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
@@ -334,7 +337,7 @@ class PendingSave:
             if _is_main():
                 self.manifest["files"] = _checksums(self.tmp)
                 (self.tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2), encoding="utf-8")
-                shutil.rmtree(self.path, ignore_errors=True)
+                purge(self.path)  # the checkpoint this one replaces, if any
                 os.replace(self.tmp, self.path)
                 if self.on_complete is not None:
                     self.on_complete(self.path)
@@ -392,6 +395,53 @@ def save_sharded_async(
     return pending
 
 
+PURGE_PREFIX = ".purge_"
+"""A folder being deleted in the background: `.purge_<name>.<random>` beside where it was."""
+_purges: queue.Queue[Path] = queue.Queue()
+_purger_lock = threading.Lock()
+_purger: threading.Thread | None = None
+
+
+def purge(folder: Path) -> None:
+    """Delete `folder` (if it exists) without waiting: it is renamed at once to `.purge_<name>.<random>` beside
+    itself, so it stops being a checkpoint, and removed by a background thread. Deleting a large checkpoint takes
+    seconds to minutes on a parallel filesystem, which every rank would wait for at the next barrier. The process
+    waits for pending deletions at exit (and in wait_for_purges); what a killed process left is deleted by the next
+    save in that folder (purge_leftovers)."""
+    global _purger
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    trash = folder.parent / f"{PURGE_PREFIX}{folder.name}.{uuid.uuid4().hex[:8]}"
+    os.replace(folder, trash)
+    with _purger_lock:
+        if _purger is None:
+            _purger = threading.Thread(target=_delete_purged, name="bigmodel-purge", daemon=True)
+            _purger.start()
+            atexit.register(wait_for_purges)
+    _purges.put(trash)
+
+
+def purge_leftovers(parent: Path) -> None:
+    """Delete the `.purge_*` folders a killed process left in `parent` (in the background, like purge)."""
+    for leftover in Path(parent).glob(f"{PURGE_PREFIX}*"):
+        purge(leftover)
+
+
+def wait_for_purges() -> None:
+    """Return once every folder handed to purge so far is deleted."""
+    _purges.join()
+
+
+def _delete_purged() -> None:
+    while True:
+        trash = _purges.get()
+        try:
+            shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            _purges.task_done()
+
+
 def _start_save(
     path: Path, engine: NativeEngine, extra: dict[str, Any], on_complete: Callable[[Path], None] | None
 ) -> PendingSave:
@@ -406,6 +456,7 @@ def _start_save(
     if _is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        purge_leftovers(path.parent)
     if dist.is_initialized():
         dist.barrier()
     return PendingSave(tmp, path, manifest, on_complete)

@@ -274,3 +274,25 @@ def test_writeback_starts_every_few_mib_and_keeps_the_bytes(tmp_path, monkeypatc
     assert asked and asked[0][0] == 0 and all(n >= 1 << 20 for _, n in asked)
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(asked))
     assert len(data) - sum(n for _, n in asked) < 1 << 20  # the closing fsync writes the rest
+
+
+def test_replaced_and_retired_checkpoints_are_deleted_in_the_background(tmp_path):
+    # A folder handed to purge stops being a checkpoint at once (renamed to .purge_*) and is deleted by a thread;
+    # what a killed process left behind is deleted by the next save in the same folder.
+    from bigmodel.checkpoint.sharded import PURGE_PREFIX, purge, purge_leftovers, wait_for_purges
+
+    old = tmp_path / "step_00000001"
+    (old / "sub").mkdir(parents=True)
+    (old / "sub" / "shard").write_bytes(b"x" * 1000)
+    purge(old)
+    assert not old.exists()
+    wait_for_purges()
+    assert list(tmp_path.iterdir()) == []
+
+    left = tmp_path / f"{PURGE_PREFIX}step_00000002.dead"
+    left.mkdir()
+    (left / "shard").write_bytes(b"y")
+    purge_leftovers(tmp_path)
+    wait_for_purges()
+    assert list(tmp_path.iterdir()) == []
+    purge(tmp_path / "missing")  # nothing to do
