@@ -81,10 +81,25 @@ class CollectiveCounter(TorchDispatchMode):
         return sum(self.sent.values())
 
 
-def _group_size(group: Any) -> int:
+def _group(group: Any) -> dist.ProcessGroup:
     if isinstance(group, str):
-        return dist.distributed_c10d._resolve_process_group(group).size()
-    return dist.ProcessGroup.unbox(group).size()  # c10d ops carry the group as a TorchScript object
+        return dist.distributed_c10d._resolve_process_group(group)
+    return dist.ProcessGroup.unbox(group)  # c10d ops carry the group as a TorchScript object
+
+
+def _group_size(group: Any) -> int:
+    return _group(group).size()
+
+
+def _all_to_all_sent(inputs: list[torch.Tensor], splits: list[int], group: Any) -> float:
+    """Bytes of an all-to-all's input that leave this rank: all but the part it addresses to itself. `inputs` is
+    one tensor split along dim 0 (by `splits`, evenly when empty) or one tensor per rank."""
+    group = _group(group)
+    if len(inputs) > 1:
+        return float(_nbytes(inputs) - _nbytes(inputs[group.rank()]))
+    rows = max(1, inputs[0].shape[0])
+    own = splits[group.rank()] if splits else rows // group.size()
+    return _nbytes(inputs) * (1 - own / rows)
 
 
 def _nbytes(tensors: Any) -> int:
@@ -117,8 +132,12 @@ def _ring_bytes(name: str, args: tuple) -> tuple[str, float] | None:
         return "broadcast", float(_nbytes(args[0]))
     if name in ("send", "recv_", "send_", "recv"):
         return "p2p", float(_nbytes(args[0])) if name.startswith("send") else 0.0
-    if name in ("all_to_all_single", "alltoall_base_", "alltoall_"):
-        return "all_to_all", float(_nbytes(args[0]))
+    if name == "alltoall_base_":
+        return "all_to_all", _all_to_all_sent([args[1]], args[4], args[2])
+    if name == "alltoall_":
+        return "all_to_all", _all_to_all_sent(args[1], [], args[2])
+    if name == "all_to_all_single":
+        return "all_to_all", _all_to_all_sent([args[0]], args[2], args[3])
     return None
 
 

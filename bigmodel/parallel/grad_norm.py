@@ -66,14 +66,16 @@ def total_grad_norm(grads: Iterable[torch.Tensor | GradPiece]) -> torch.Tensor:
     A collective when any piece is split: every rank of the job must call it with the same structure of pieces.
     The per-piece squares are summed in fp64, so the result does not depend on how the gradient is split.
     """
-    squares: dict[tuple[dist.ProcessGroup, ...], torch.Tensor] = {}
+    pieces: dict[tuple[dist.ProcessGroup, ...], list[torch.Tensor]] = {}
     for piece in map(as_grad_piece, grads):
-        norm = torch.linalg.vector_norm(piece.grad, dtype=torch.float32).double()
-        previous = squares.get(piece.split_over)
-        squares[piece.split_over] = norm * norm if previous is None else previous + norm * norm
+        pieces.setdefault(piece.split_over, []).append(piece.grad)
     total = torch.zeros((), dtype=torch.float64)
     # Dict order is first appearance, the same on every rank, so the collectives line up.
-    for groups, partial in squares.items():
+    for groups, tensors in pieces.items():
+        # One dispatch for all pieces (each piece's fp32 norm as torch.linalg.vector_norm computes it); squared in
+        # fp64, which is exact for an fp32 value.
+        norms = torch._foreach_norm(tensors, dtype=torch.float32)
+        partial = torch.stack(norms).double().square().sum()
         for group in groups:
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
         total = total.to(partial.device) + partial
@@ -99,6 +101,9 @@ def clip_grad_norm_(
         norm = squared.sqrt().float()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for piece in pieces:
-            piece.grad.mul_(scale.to(piece.grad.device))
+            by_device.setdefault(piece.grad.device, []).append(piece.grad)
+        for device, tensors in by_device.items():
+            torch._foreach_mul_(tensors, scale.to(device))
     return norm
