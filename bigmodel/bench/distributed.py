@@ -49,7 +49,7 @@ FULL_MODEL = [
 def planner_layout(cfg: Config) -> Layout:
     p = cfg.parallel
     return Layout(p.dp_replicate, p.dp_shard, p.tp, p.pp, p.zero_stage, p.sp, cfg.train.grad_accum,
-                  cfg.train.activation_checkpointing)  # fmt: skip
+                  cfg.train.activation_checkpointing, p.reshard_after_forward)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,12 +361,13 @@ def memory_figures(results: dict[str, Any], nproc: int) -> list[Figure]:
 
 def comm_vs_theory(quick: bool = False) -> list[Figure]:
     """(e) Bytes one rank sends in the collectives it actually issues during one training step (counted at
-    dispatch, ring cost per collective), over the planner's theory, for data parallel (ZeRO-0), ZeRO-3 and tensor
-    parallel, on 2 ranks."""
+    dispatch, ring cost per collective), over the planner's theory, for data parallel (ZeRO-0), ZeRO-3 (freeing
+    gathered parameters after forward, and keeping them: parallel.reshard_after_forward=false) and tensor parallel,
+    on 2 ranks."""
     return comm_figures(run_jobs(2, [f"comm:{x}" for x in COMM_LAYOUTS.values()], quick))
 
 
-COMM_LAYOUTS = {"dp": "zero0x2", "zero3": "zero3x2", "tp": "tp2"}
+COMM_LAYOUTS = {"dp": "zero0x2", "zero3": "zero3x2", "zero3_keep": "zero3x2-keep", "tp": "tp2"}
 
 
 def comm_figures(results: dict[str, Any]) -> list[Figure]:

@@ -26,7 +26,7 @@ from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
 from bigmodel.parallel.dims import ParallelDims
 
-_TOKEN = re.compile(r"(dp|tp|pp|zero|hsdp|sp|mb|gpipe|1f1b|interleaved|zb|deepspeed|ds|native)(\d*)")
+_TOKEN = re.compile(r"(dp|tp|pp|zero|hsdp|sp|keep|mb|gpipe|1f1b|interleaved|zb|deepspeed|ds|native)(\d*)")
 _SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved_1f1b", "zb": "zero_bubble"}
 DEFAULT_PIPELINE_MICROBATCHES = 4
 
@@ -36,6 +36,7 @@ def parse_layout(text: str) -> dict[str, object]:
 
     Parts joined by "x", "+" or "-": dpN (N data-parallel ranks), tpN, ppN, sp (sequence parallel), zeroS (ZeRO stage
     S; "zeroSxN" is shorthand for zeroS with N data-parallel ranks), hsdpRxS (R replicas of S-way ZeRO-3 shards),
+    keep (ZeRO-3 keeps gathered parameters from forward to backward: parallel.reshard_after_forward=false),
     for pipelines mbK (K microbatches; default 4) and a schedule: gpipe, 1f1b, interleaved, zb (zero bubble); and
     the engine: ds or deepspeed (engine=deepspeed), native (the default).
     """
@@ -52,6 +53,8 @@ def parse_layout(text: str) -> dict[str, object]:
         following = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else None
         if kind == "sp":
             overrides["parallel.sp"] = True
+        elif kind == "keep":
+            overrides["parallel.reshard_after_forward"] = False
         elif kind in ("ds", "deepspeed", "native"):
             if number:
                 raise ConfigError(f"layout {text!r}: {kind} names the engine and takes no number; e.g. ds-zero2x2")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel.bench.common import Figure
-from bigmodel.bench.distributed import comm_figures, run_jobs
+from bigmodel.bench.distributed import COMM_LAYOUTS, comm_figures, run_jobs
 from bigmodel.bench.suite import draw_ratios, markdown_table, run_suite
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,10 +79,10 @@ def test_compiled_model_is_timed_beside_the_eager_one(suite):
 
 
 def test_distributed_benches_count_what_the_planner_predicts():
-    # One launch of 2 processes: the collectives of one step in three layouts. (The DeepSpeed ZeRO-3 comparison
+    # One launch of 2 processes: the collectives of one step in four layouts. (The DeepSpeed ZeRO-3 comparison
     # reuses the deepspeed engine's start-up, which tests/distributed/test_deepspeed.py covers; it stays out of
     # here to keep the suite's time down.)
-    jobs = ["comm:zero0x2", "comm:zero3x2", "comm:tp2"]
+    jobs = [f"comm:{layout}" for layout in COMM_LAYOUTS.values()]
     results = run_jobs(2, jobs, quick=True, repeats=1)
     for figure in comm_figures(results):
         sane(figure.to_dict())

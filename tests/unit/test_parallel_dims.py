@@ -43,6 +43,7 @@ def test_valid_layout_passes():
         ("tp2+sp", {"parallel.tp": 2, "parallel.sp": True}),
         ("dp2xtp2xzero3", {"parallel.dp_shard": 2, "parallel.tp": 2, "parallel.zero_stage": 3}),
         ("hsdp2x2", {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.zero_stage": 3}),
+        ("zero3x2-keep", {"parallel.zero_stage": 3, "parallel.dp_shard": 2, "parallel.reshard_after_forward": False}),
     ],
 )
 def test_layout_names(name, expected):
