@@ -197,7 +197,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-_PLAIN_TYPES = (int, float, str, bytes, type(None))
+_PLAIN_TYPES = (bool, int, float, str, bytes, type(None))
 
 
 def _is_plain(value: Any) -> bool:
@@ -205,7 +205,7 @@ def _is_plain(value: Any) -> bool:
         return all(_is_plain(v) for v in value)
     if isinstance(value, dict):
         return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
-    return type(value) in (*_PLAIN_TYPES, bool)  # exact types: a subclass pickles as a reference to its class
+    return type(value) in _PLAIN_TYPES  # exact types: a subclass pickles as a reference to its class
 
 
 def plain_record(value: Any) -> bytes | None:
