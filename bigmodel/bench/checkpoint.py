@@ -81,9 +81,10 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
     """Seconds of save and load of a one-process engine after one step (`model`: config overrides of tiny.yaml)
     beside writing (with fsync) and reading the same number of bytes as one plain file in the same folder.
 
-    Keys: bytes, write ({raw, save}), read ({raw, load}: both from the disk, the page cache dropped before each),
-    verified_read ({raw, verify_load}: verify_manifest then load_sharded, what resuming does, from the disk) and
-    cached_read ({raw, load}: both from the page cache, as the files were just written). Each interleaved.
+    Keys: bytes, write ({raw, raw_writeback, save}: a plain write and one starting the writeback every 8 MiB), read
+    ({raw, load}: both from the disk, the page cache dropped before each), verified_read ({raw, verify_load}:
+    verify_manifest then load_sharded, what resuming does, from the disk) and cached_read ({raw, load}: both from the
+    page cache, as the files were just written). Each interleaved.
     """
     from bigmodel.checkpoint.sharded import load_sharded, save_sharded, verify_manifest, wait_for_purges
     from bigmodel.data import build_train_loader

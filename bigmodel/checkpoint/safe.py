@@ -191,10 +191,14 @@ class _PlainUnpickler(pickle.Unpickler):
         self.fqn = fqn
 
     def find_class(self, module: str, name: str) -> Any:
-        raise UnsafeCheckpointError(
-            f"checkpoint item {self.fqn} holds a pickled {module}.{name}, which is not plain data; refusing to load it "
-            "(the checkpoint is crafted or corrupt)"
-        )
+        raise _not_plain(self.fqn, f"{module}.{name}")
+
+
+def _not_plain(fqn: str, found: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"checkpoint item {fqn} holds a pickled {found}, which is not plain data; refusing to load it (the checkpoint "
+        "is crafted or corrupt)"
+    )
 
 
 def read_plain_record(value: IO[bytes], fqn: str) -> Any:
@@ -212,10 +216,7 @@ def read_plain_record(value: IO[bytes], fqn: str) -> Any:
     try:
         return torch.load(value, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"checkpoint item {fqn} holds a pickled {_refused_global(err)}, which is not plain data; refusing to "
-            "load it (the checkpoint is crafted or corrupt)"
-        ) from None
+        raise _not_plain(fqn, _refused_global(err)) from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
