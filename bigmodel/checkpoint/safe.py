@@ -226,6 +226,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     exactly one stored chunk (every tensor of a load into the layout that saved it) as that chunk, without DCP's
     search of all stored chunks for overlaps (a quarter of loading a small checkpoint)."""
 
+    def __init__(self) -> None:
+        super().__init__(flatten_sharded_tensors=False)  # bigmodel holds no ShardedTensor: no need to look for one
+
     def create_local_plan(self) -> LoadPlan:
         index = self.metadata.state_dict_metadata
         if self.flatten_state_dict and index.keys() - self.state_dict.keys():

@@ -374,7 +374,10 @@ class PendingSave:
 
 
 def _save_planner() -> DefaultSavePlanner:
-    return DefaultSavePlanner(enable_plan_caching=True)
+    """DCP's planner, reusing the previous save's plan while the state's structure is unchanged (every periodic save
+    of a run after the first; ~20 ms at 15M parameters) and not looking for ShardedTensors, which bigmodel never
+    holds."""
+    return DefaultSavePlanner(flatten_sharded_tensors=False, enable_plan_caching=True)
 
 
 def save_sharded(

@@ -24,7 +24,7 @@ from bigmodel.parallel import slurm
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
-STEPS = 16
+STEPS = 48
 # 2 nodes x 2 processes, replicated data parallel; a checkpoint every 2 steps gives the stop test a point to wait for.
 RUN = [
     "--parallel.dp_replicate=4",
@@ -181,10 +181,10 @@ def test_two_node_job_trains_and_finishes(uninterrupted):
 
 @pytest.mark.slow
 def test_warning_signal_saves_requeues_and_resumes(uninterrupted, tmp_path):
-    # The signal must reach the job while it trains: after its first checkpoint and before its last step, a window
-    # of a few seconds for this tiny model, which `bigmodel slurm cancel`'s start-up and Slurm's delivery can miss on
-    # a loaded machine (the job then simply finishes). Such an attempt is repeated; a job that ignored a signal it
-    # received would fail every attempt.
+    # The signal must reach the job while it trains: after its first checkpoint and before its last step. At 16
+    # steps that window was ~1.5 s for this tiny model, which `bigmodel slurm cancel`'s start-up (~1.5 s) and Slurm's
+    # delivery missed 3 attempts in a row once checkpoints got faster; at 48 steps it is ~5 s. An attempt whose job
+    # finished first is repeated; a job that ignored a signal it received would fail every attempt.
     for attempt in range(3):
         run_dir = tmp_path / f"run{attempt}"
         job = submit(run_dir)
