@@ -424,6 +424,8 @@ PURGE_PREFIX = ".purge_"
 _purges: queue.Queue[Path] = queue.Queue()
 _purger_lock = threading.Lock()
 _purger: threading.Thread | None = None
+_purging: set[Path] = set()
+"""Folders handed to the deleting thread and not yet deleted (guarded by _purger_lock)."""
 
 
 def purge(folder: Path) -> None:
@@ -432,24 +434,33 @@ def purge(folder: Path) -> None:
     seconds to minutes on a parallel filesystem, which every rank would wait for at the next barrier. The process
     waits for pending deletions at exit (and in wait_for_purges); what a killed process left is deleted by the next
     save in that folder (purge_leftovers)."""
-    global _purger
     folder = Path(folder)
     if not folder.exists():
         return
     trash = folder.parent / f"{PURGE_PREFIX}{folder.name}.{uuid.uuid4().hex[:8]}"
     os.replace(folder, trash)
+    _queue_deletion(trash)
+
+
+def purge_leftovers(parent: Path) -> None:
+    """Delete the `.purge_*` folders a killed process left in `parent` (in the background, like purge). Those this
+    process is deleting already are left to that deletion: renaming a folder while it is being deleted made both
+    fail (a save right after another, while the replaced checkpoint was still being deleted)."""
+    for leftover in Path(parent).glob(f"{PURGE_PREFIX}*"):
+        _queue_deletion(leftover)
+
+
+def _queue_deletion(trash: Path) -> None:
+    global _purger
     with _purger_lock:
+        if trash in _purging:
+            return
+        _purging.add(trash)
         if _purger is None:
             _purger = threading.Thread(target=_delete_purged, name="bigmodel-purge", daemon=True)
             _purger.start()
             atexit.register(wait_for_purges)
     _purges.put(trash)
-
-
-def purge_leftovers(parent: Path) -> None:
-    """Delete the `.purge_*` folders a killed process left in `parent` (in the background, like purge)."""
-    for leftover in Path(parent).glob(f"{PURGE_PREFIX}*"):
-        purge(leftover)
 
 
 def wait_for_purges() -> None:
@@ -463,6 +474,8 @@ def _delete_purged() -> None:
         try:
             shutil.rmtree(trash, ignore_errors=True)
         finally:
+            with _purger_lock:
+                _purging.discard(trash)
             _purges.task_done()
 
 

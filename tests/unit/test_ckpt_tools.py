@@ -296,3 +296,35 @@ def test_replaced_and_retired_checkpoints_are_deleted_in_the_background(tmp_path
     wait_for_purges()
     assert list(tmp_path.iterdir()) == []
     purge(tmp_path / "missing")  # nothing to do
+
+
+def test_a_save_while_the_last_deletion_runs_leaves_it_alone(tmp_path, monkeypatch):
+    # The next save in the folder looks for leftovers while the checkpoint it replaced is still being deleted: that
+    # folder is this process's own deletion and is neither renamed nor queued twice (renaming it under the deleting
+    # thread made the save fail with FileNotFoundError).
+    import shutil
+    import threading
+
+    from bigmodel.checkpoint import sharded
+
+    deleting, release, deleted = threading.Event(), threading.Event(), []
+    rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):
+        deleting.set()
+        release.wait(timeout=30)
+        deleted.append(path)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(sharded.shutil, "rmtree", slow_rmtree)
+    old = tmp_path / "step_00000001"
+    old.mkdir()
+    (old / "shard").write_bytes(b"x")
+    sharded.purge(old)
+    assert deleting.wait(timeout=30)
+    (trash,) = tmp_path.iterdir()
+    sharded.purge_leftovers(tmp_path)
+    assert list(tmp_path.iterdir()) == [trash]  # not renamed under the deleting thread
+    release.set()
+    sharded.wait_for_purges()
+    assert list(tmp_path.iterdir()) == [] and deleted == [trash]
