@@ -539,7 +539,7 @@ def _prefetch(files: list[Path]) -> None:
         return
 
     def read() -> None:
-        scratch = bytearray(4 << 20)
+        scratch = bytearray(16 << 20)
         for file in files:
             with open(file, "rb", buffering=0) as f:
                 while f.readinto(scratch):
