@@ -4,16 +4,22 @@
 from __future__ import annotations
 
 import copy
+import sys
 
+import pytest
 import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+from bigmodel.checkpoint.safe import SafeLoadPlanner, read_dcp_metadata
 from bigmodel.checkpoint.sharded import (
     engine_state_dict,
     load_engine_state_dict,
+    load_sharded,
     pack_hyperparameters,
+    save_sharded,
     unpack_hyperparameters,
 )
 from bigmodel.config import load_config
@@ -91,8 +97,6 @@ def test_own_state_loads_in_place():
 def test_saves_of_different_models_in_one_process_each_load_back(tmp_path):
     """DCP's plan cache (save_sharded reuses the last save's plan while the state's structure is unchanged) must not
     carry one model's plan into another's save."""
-    from bigmodel.checkpoint.sharded import load_sharded, save_sharded
-
     small, wide = trained_engine(seed=0, steps=1), trained_engine(seed=1, steps=1, width=48)
     for name, engine in (("a", small), ("b", wide), ("c", small), ("d", wide)):
         save_sharded(tmp_path / name, engine, {"step": 1})
@@ -115,11 +119,6 @@ def _plan(planner, state, metadata):
 def test_load_plan_is_dcps(tmp_path):
     """SafeLoadPlanner's shortcut for tensors stored whole gives DCP's own plan, item for item; a tensor stored in
     pieces that do not match the local one (a reshard) is planned by DCP."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    from bigmodel.checkpoint.safe import SafeLoadPlanner, read_dcp_metadata
-    from bigmodel.checkpoint.sharded import save_sharded
-
     engine = trained_engine(seed=0, steps=1)
     save_sharded(tmp_path / "ckpt", engine, {"step": 1})
     metadata = read_dcp_metadata(tmp_path / "ckpt" / ".metadata")
@@ -137,3 +136,18 @@ def test_load_plan_is_dcps(tmp_path):
     split = [item for item in _plan(SafeLoadPlanner(), state, metadata) if item[1].fqn.endswith(name)]
     assert split == [item for item in _plan(DefaultLoadPlanner(), state, metadata) if item[1].fqn.endswith(name)]
     assert len(split) == 2
+
+
+def test_load_restores_the_interpreters_switch_interval(tmp_path):
+    """A resume prefetches its shard on a thread and shortens the GIL switch interval meanwhile; the interval is the
+    caller's again afterwards, also when the load fails."""
+    engine = trained_engine(seed=0, steps=1)
+    save_sharded(tmp_path / "ckpt", engine, {"step": 1})
+    before = sys.getswitchinterval()
+    assert load_sharded(tmp_path / "ckpt", engine) == {"step": 1}
+    assert sys.getswitchinterval() == before
+    shard = tmp_path / "ckpt" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match="is cut short"):
+        load_sharded(tmp_path / "ckpt", engine)
+    assert sys.getswitchinterval() == before
