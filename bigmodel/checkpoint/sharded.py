@@ -27,11 +27,12 @@ import json
 import os
 import pickle
 import queue
+import re
 import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
@@ -586,13 +587,18 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
 
 
-def verify_manifest(path: str | Path) -> None:
+def verify_manifest(path: str | Path, files: Collection[str] | None = None, unlisted: bool | None = None) -> None:
     """Raise ValueError naming the first file of the checkpoint at `path` that is missing, changed or unlisted.
 
+    `files`: check only these of the manifest's files (a rank's share: `verify_shares`); `unlisted`: also look for
+    files the manifest does not list (default: when checking every file).
     Digests are "<algorithm>:<hex>" (CHECKSUM) or, as formats 1 and 2 wrote them, a bare sha256 hex digest."""
     path = Path(path)
     expected = read_manifest(path)["files"]
-    for name, recorded in expected.items():
+    for name in expected if files is None else files:
+        recorded = expected.get(name)
+        if recorded is None:
+            raise ValueError(f"checkpoint {path}: {name} is not listed in {MANIFEST_FILE}")
         if not (path / name).is_file():
             raise ValueError(f"checkpoint {path}: {name} is missing; restore it or use an earlier checkpoint")
         algorithm, _, digest = recorded.rpartition(":")
@@ -604,9 +610,28 @@ def verify_manifest(path: str | Path) -> None:
                 f"checkpoint {path}: {name} does not match its {algorithm} checksum in {MANIFEST_FILE} (corrupt or "
                 "changed); use an earlier checkpoint"
             )
-    unlisted = sorted(set(_files(path)) - set(expected) - {MANIFEST_FILE})
-    if unlisted:
-        raise ValueError(f"checkpoint {path}: {unlisted[0]} is not listed in {MANIFEST_FILE}")
+    if not (files is None if unlisted is None else unlisted):
+        return
+    extra = sorted(set(_files(path)) - set(expected) - {MANIFEST_FILE})
+    if extra:
+        raise ValueError(f"checkpoint {path}: {extra[0]} is not listed in {MANIFEST_FILE}")
+
+
+def verify_shares(names: Collection[str], world_size: int) -> list[list[str]]:
+    """The manifest's files `names` shared out over `world_size` ranks for checking: rank r's own shard file
+    `__<r>_0.distcp` to rank r (the file it reads when resuming in the layout that saved it, which the check then
+    leaves in its page cache), the others in turn."""
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    rest = []
+    for name in sorted(names):
+        own = re.fullmatch(rf"__(\d+)_0{re.escape(DEFAULT_SUFFIX)}", name)
+        if own and int(own[1]) < world_size:
+            shares[int(own[1])].append(name)
+        else:
+            rest.append(name)
+    for position, name in enumerate(rest):
+        shares[position % world_size].append(name)
+    return shares
 
 
 def _is_main() -> bool:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint, step_folder
-from bigmodel.checkpoint.sharded import PendingSave, verify_manifest
+from bigmodel.checkpoint.sharded import PendingSave, read_manifest, verify_manifest, verify_shares
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
@@ -174,7 +174,7 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"note: no checkpoint in {self.run_dir} yet; starting from step 0", file=sys.stderr)
             return 0
-        verify_on_main(path, self.ctx)
+        verify_checkpoint(path, self.ctx)
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
         extra = self.engine.load_checkpoint(path)
@@ -293,19 +293,21 @@ class Trainer:
         return TrainResult(self.run_dir, final_loss, before, after, checkpoint)
 
 
-def verify_on_main(path: Path, ctx: ParallelContext) -> None:
-    """Check the checkpoint's files against its manifest once, on the main rank, and raise the same one-line
-    ValueError on every rank if one is missing or changed (so no rank waits in a collective for a failed one)."""
+def verify_checkpoint(path: Path, ctx: ParallelContext) -> None:
+    """Check the checkpoint's files against its manifest, shared out over the ranks (`verify_shares`: each rank
+    hashes its own shard file, so a resume reads the checkpoint once in parallel instead of the main rank reading all
+    of it), and raise the same one-line ValueError on every rank if any file is missing or changed (the first
+    failing rank's), so no rank waits in a collective for a failed one. The main rank also looks for unlisted files."""
     problem = None
-    if ctx.is_main:
-        try:
-            verify_manifest(path)
-        except ValueError as err:
-            problem = str(err)
+    try:
+        share = verify_shares(read_manifest(path)["files"], ctx.env.world_size)[ctx.env.rank]
+        verify_manifest(path, share, unlisted=ctx.is_main)
+    except ValueError as err:
+        problem = str(err)
     if ctx.env.distributed:
-        box = [problem]
-        torch.distributed.broadcast_object_list(box, src=0)
-        problem = box[0]
+        problems: list[str | None] = [None] * ctx.env.world_size
+        torch.distributed.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
     if problem:
         raise ValueError(problem)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,23 @@ def test_checkpoint_from_two_processes_resumes_on_one(tmp_path):
     # steps follow the one-process trajectory up to the summation-order differences of the first 3 steps (~1e-7).
     assert ours == pytest.approx(ref[3:], rel=1e-5)
     assert resumed.final_loss == pytest.approx(reference.final_loss, rel=1e-5)
+
+    # Resuming on 2 processes, each checks its own shard file: the one rank 1 checks is corrupt, and every rank
+    # stops with rank 1's one-line error before loading anything; the main rank, which did not read that file,
+    # prints it.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(midway, corrupt)
+    shard = corrupt / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    failed = bigmodel(
+        "launch", "--nproc", "2", "--config", TINY, *layout, *common, f"--checkpoint.resume={corrupt}",
+        f"--train.out_dir={tmp_path / 'again'}",
+    )  # fmt: skip
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("__1_0.distcp does not match its xxh3_128 checksum" in e for e in errors), failed.stderr
 
 
 @pytest.mark.slow

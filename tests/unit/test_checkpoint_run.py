@@ -36,3 +36,44 @@ def test_paths_resolve_to_the_newest_complete_checkpoint(tmp_path):
     assert resolve_checkpoint(newest) == newest
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path / "nowhere")
+
+
+def test_verification_shares_give_each_rank_its_own_shard():
+    from bigmodel.checkpoint.sharded import verify_shares
+
+    names = [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    assert verify_shares(names, 4) == [
+        ["__0_0.distcp", ".metadata"],
+        ["__1_0.distcp"],
+        ["__2_0.distcp"],
+        ["__3_0.distcp"],
+    ]
+    two = verify_shares(names, 2)  # saved by 4, resumed on 2: the others' files in turn
+    assert two == [["__0_0.distcp", ".metadata", "__3_0.distcp"], ["__1_0.distcp", "__2_0.distcp"]]
+    assert verify_shares(names, 1) == [["__0_0.distcp", ".metadata", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]]
+    for world in (1, 2, 3, 4, 8):
+        shares = verify_shares(names, world)
+        assert sorted(n for share in shares for n in share) == sorted(names)
+
+
+def test_a_share_is_checked_alone(tmp_path):
+    from bigmodel.checkpoint.sharded import verify_manifest
+
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "a").write_bytes(b"a")
+    (folder / "b").write_bytes(b"b")
+    import xxhash
+
+    files = {n: f"xxh3_128:{xxhash.xxh3_128(n.encode()).hexdigest()}" for n in ("a", "b")}
+    (folder / "manifest.json").write_text(json.dumps({"files": files}))
+    verify_manifest(folder)
+    (folder / "b").write_bytes(b"changed")
+    (folder / "c").write_bytes(b"unlisted")
+    verify_manifest(folder, ["a"])  # b and c are other ranks' concern
+    with pytest.raises(ValueError, match="c is not listed"):
+        verify_manifest(folder, ["a"], unlisted=True)
+    with pytest.raises(ValueError, match="b does not match"):
+        verify_manifest(folder, ["b"])
+    with pytest.raises(ValueError, match="d is not listed"):
+        verify_manifest(folder, ["d"])
