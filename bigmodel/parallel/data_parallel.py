@@ -8,7 +8,8 @@ its local tensor, and sharded or reduced only across the data-parallel group). A
 - stage 1: the same all-reduce; AdamW state is sharded: rank r owns the r-th contiguous chunk of every parameter's
   flattened local tensor (chunks of ceil(numel / dp) elements, the last ones padded or empty) and updates only that
   chunk; `step` all-gathers the updated chunks into every rank's parameters.
-- stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed.
+- stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed
+  (on gloo as one all-to-all and a local sum: `bigmodel.parallel.collectives.reduce_scatter_sum`).
 
 AdamW holds each owned chunk as an nn.Parameter that is a view into the model parameter's storage, so there is no
 second copy of the weights and ZeRO's memory accounting holds (bigmodel/parallel/memory.py). Collectives run on
@@ -31,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import TrainConfig
+from bigmodel.parallel.collectives import reduce_scatter_sum
 from bigmodel.parallel.grad_norm import GradPiece, as_grad_piece, clip_grad_norm_, split_groups
 from bigmodel.train.optim import decays
 
@@ -174,7 +176,7 @@ class ZeroOptimizer:
             send[:, slot.offset : slot.offset + slot.chunk].copy_(padded.view(self.dp, slot.chunk))
             slot.param.grad = None  # the whole gradient is not needed any more
         bucket.grads = send.new_empty(bucket.size)
-        dist.reduce_scatter_tensor(bucket.grads, send.view(-1), op=dist.ReduceOp.SUM, group=self.group)
+        reduce_scatter_sum(bucket.grads, send.view(-1), self.group)  # an all-to-all on gloo
         bucket.grads.div_(self.dp)
         for slot in bucket.slots:
             slot.owned.grad = bucket.grads[slot.offset : slot.offset + slot.owned.numel()]

@@ -23,16 +23,12 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 # The interface of FSDPModule.set_custom_reduce_scatter; torch 2.13 exports it from no public module.
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
+from bigmodel.parallel.collectives import reduce_scatter_sum
+
 
 class AllToAllReduceScatter(ReduceScatter):
-    """Reduce-scatter as one all-to-all and a local sum, for gloo.
-
-    gloo's reduce_scatter_tensor all-reduces the whole input and keeps one chunk, so every rank sends and receives
-    the whole gradient twice over (ring); an all-to-all moves each chunk once, to the rank that owns it: 6 MB on 2
-    ranks took 6.0 ms against 10.5 ms (medians of 30). The sum runs over ranks in rank order, then AVG divides by
-    the group size as gloo does: on 2 ranks the result is bitwise gloo's (a + b is a + b in either order); on more,
-    the order of the sum differs from gloo's, by a few ulp. Synchronous: FSDP2 reads the output when it returns.
-    """
+    """FSDP2's reduce-scatter as `reduce_scatter_sum` (one all-to-all and a local sum, for gloo), then the division
+    for AVG by the group size, as gloo does. Synchronous: FSDP2 reads the output when it returns."""
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -48,10 +44,7 @@ class AllToAllReduceScatter(ReduceScatter):
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
             return
-        received = torch.empty_like(input_tensor)
-        dist.all_to_all_single(received, input_tensor, group=group)
-        # Row r: rank r's contribution to this rank's chunk.
-        torch.sum(received.view(group.size(), -1), dim=0, out=output_tensor)
+        reduce_scatter_sum(output_tensor, input_tensor, group)
         if op == dist.ReduceOp.AVG:
             output_tensor.div_(group.size())
 
