@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import queue
-import re
 import shutil
 import sys
 import threading
@@ -138,15 +137,19 @@ def pack_hyperparameters(flat: dict[str, Any]) -> dict[str, Any]:
     for name, pairs in hyper.items():
         value = tuple(pairs)
         try:
-            packed[_HYPER_PREFIX + name] = records[value]
+            hash(value)
+        except TypeError:  # a value that is a list: packed on its own
+            packed[_HYPER_PREFIX + name] = _packed(value)
             continue
-        except (KeyError, TypeError):  # TypeError: an unhashable value (a list), which is packed on its own
-            pass
-        record = plain_record(value)
-        packed[_HYPER_PREFIX + name] = value if record is None else record
-        with contextlib.suppress(TypeError):
-            records[value] = packed[_HYPER_PREFIX + name]
+        if value not in records:
+            records[value] = _packed(value)
+        packed[_HYPER_PREFIX + name] = records[value]
     return packed
+
+
+def _packed(pairs: tuple[tuple[str, Any], ...]) -> Any:
+    record = plain_record(pairs)
+    return pairs if record is None else record
 
 
 def unpack_hyperparameters(packed: dict[str, Any]) -> dict[str, Any]:
@@ -521,8 +524,13 @@ def _own_files(path: Path, manifest: dict[str, Any]) -> list[Path]:
     """The shard files this rank will read: its own where the checkpoint was saved by as many ranks (a resume), else
     none known before planning (a reshard, which reads parts of several)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    own = path / f"__{rank}_0{DEFAULT_SUFFIX}"
+    own = path / shard_file(rank)
     return [own] if manifest.get("world_size") == world and own.is_file() else []
+
+
+def shard_file(rank: int) -> str:
+    """The name of the shard file rank `rank` writes (RawRecordWriter, under DCP's `__<rank>_` prefix)."""
+    return f"__{rank}_0{DEFAULT_SUFFIX}"
 
 
 @contextlib.contextmanager
@@ -624,11 +632,11 @@ def verify_shares(names: Collection[str], world_size: int) -> list[list[str]]:
     `__<r>_0.distcp` to rank r (the file it reads when resuming in the layout that saved it, which the check then
     leaves in its page cache), the others in turn."""
     shares: list[list[str]] = [[] for _ in range(world_size)]
+    owner = {shard_file(rank): rank for rank in range(world_size)}
     rest = []
     for name in sorted(names):
-        own = re.fullmatch(rf"__(\d+)_0{re.escape(DEFAULT_SUFFIX)}", name)
-        if own and int(own[1]) < world_size:
-            shares[int(own[1])].append(name)
+        if name in owner:
+            shares[owner[name]].append(name)
         else:
             rest.append(name)
     for position, name in enumerate(rest):
