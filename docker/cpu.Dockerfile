@@ -2,7 +2,8 @@
 # project with its dev extras (tests, DeepSpeed, transformers, wandb).
 #   docker build -f docker/cpu.Dockerfile -t bigmodel:cpu .
 #   docker run --rm bigmodel:cpu bigmodel train --config configs/quickstart.yaml
-#   docker run --rm bigmodel:cpu bigmodel launch --nproc 4 --config configs/tiny.yaml --parallel.dp_shard=4
+#   docker run --rm --shm-size=1g bigmodel:cpu bigmodel launch --nproc 4 --config configs/tiny.yaml --parallel.dp_shard=4
+#   (--shm-size: the ranks exchange gradients and parameters through /dev/shm, 64 MB by default; docs/parallelism.md)
 # Under Slurm with pyxis/enroot: bigmodel slurm submit ... --nproc-per-node P --container-image=... (docs/slurm.md).
 # Not built in CI (the CI machines run no Docker engine); the GPU image is docker/gpu.Dockerfile.
 FROM python:3.11-slim

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigmodel.bench.common import ROOT, Figure, interleaved, median, paired_ratio, run_workers
 from bigmodel.config import Config, load_config
+from bigmodel.parallel import collectives
 from bigmodel.parallel.plan import (
     Layout,
     dp_comm_bytes,
@@ -57,23 +58,38 @@ def planner_layout(cfg: Config) -> Layout:
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Counts every collective dispatched while active, c10d (torch.distributed calls: ZeroOptimizer, FSDP2, the
-    losses) and functional (DTensor, funcol), as the bytes one rank sends in the ring algorithm of each (the same
-    cost model as the planner's `ring`). Waits and autograd wrappers are not collectives and are skipped."""
+    """Counts every collective issued while active, as the bytes one rank sends in the ring algorithm of each (the
+    same cost model as the planner's `ring`): c10d (torch.distributed calls: the losses, gloo's fallbacks) and
+    functional (DTensor, funcol) operations at dispatch, and `bigmodel.parallel.collectives`' all-gathers and
+    reduce-scatters (ZeroOptimizer, FSDP2 on gloo) as they report themselves, whether shared memory or
+    point-to-point messages carry them. Waits and autograd wrappers are not collectives and are skipped."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sent: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self._observing = contextlib.ExitStack()
+
+    def _count(self, kind: str, nbytes: float) -> None:
+        self.sent[kind] = self.sent.get(kind, 0.0) + nbytes
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def __enter__(self):
+        self._observing.enter_context(collectives.observe(self._count))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._observing.close()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace in ("c10d", "_c10d_functional"):
+        if func.namespace in ("c10d", "_c10d_functional") and not collectives.inside():
             counted = _ring_bytes(func.__name__.split(".")[0], args)
             if counted is not None:
-                kind, nbytes = counted
-                self.sent[kind] = self.sent.get(kind, 0.0) + nbytes
-                self.calls[kind] = self.calls.get(kind, 0) + 1
+                self._count(*counted)
         return func(*args, **kwargs)
 
     @property

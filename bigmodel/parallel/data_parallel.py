@@ -9,7 +9,8 @@ its local tensor, and sharded or reduced only across the data-parallel group). A
   flattened local tensor (chunks of ceil(numel / dp) elements, the last ones padded or empty) and updates only that
   chunk; `step` all-gathers the updated chunks into every rank's parameters.
 - stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed
-  (on gloo as one all-to-all and a local sum: `bigmodel.parallel.collectives.reduce_scatter_sum`).
+  (on gloo point-to-point and a local sum: `bigmodel.parallel.collectives.reduce_scatter_sum`; the stage 1 and 2
+  all-gather likewise, `all_gather_into`).
 
 AdamW holds each owned chunk as an nn.Parameter that is a view into the model parameter's storage, so there is no
 second copy of the weights and ZeRO's memory accounting holds (bigmodel/parallel/memory.py). Collectives run on
@@ -32,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import TrainConfig
-from bigmodel.parallel.collectives import reduce_scatter_sum
+from bigmodel.parallel.collectives import all_gather_into, reduce_scatter_sum
 from bigmodel.parallel.grad_norm import GradPiece, as_grad_piece, clip_grad_norm_, split_groups
 from bigmodel.train.optim import decays
 
@@ -176,7 +177,7 @@ class ZeroOptimizer:
             send[:, slot.offset : slot.offset + slot.chunk].copy_(padded.view(self.dp, slot.chunk))
             slot.param.grad = None  # the whole gradient is not needed any more
         bucket.grads = send.new_empty(bucket.size)
-        reduce_scatter_sum(bucket.grads, send.view(-1), self.group)  # an all-to-all on gloo
+        reduce_scatter_sum(bucket.grads, send.view(-1), self.group)  # point-to-point on gloo
         bucket.grads.div_(self.dp)
         for slot in bucket.slots:
             slot.owned.grad = bucket.grads[slot.offset : slot.offset + slot.owned.numel()]
@@ -220,7 +221,7 @@ class ZeroOptimizer:
     def _all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """(dp, len(send)): every rank's `send`, in rank order."""
         gathered = send.new_empty(self.dp, send.numel())
-        dist.all_gather_into_tensor(gathered.view(-1), send, group=self.group)
+        all_gather_into(gathered.view(-1), send, self.group)
         return gathered
 
     @staticmethod

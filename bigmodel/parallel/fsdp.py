@@ -6,8 +6,8 @@ gathered just before it runs and freed after; on gloo with parameters kept gathe
 precision is bf16 autocast in every layout, so no MixedPrecisionPolicy: parameters, gradient reductions and
 optimizer state stay fp32. The optimizer is `bigmodel.train.optim.build_optimizer` over the resulting DTensor
 parameters, switched to foreach (NativeEngine: per-tensor DTensor dispatch dominates AdamW on shards); clip with
-`bigmodel.parallel.grad_norm.clip_grad_norm_` over their gradients. Over gloo, gradients are reduce-scattered by
-`AllToAllReduceScatter`.
+`bigmodel.parallel.grad_norm.clip_grad_norm_` over their gradients. Over gloo, parameters are all-gathered by
+`GlooAllGather` and gradients reduce-scattered by `GlooReduceScatter` (point-to-point, `bigmodel.parallel.collectives`).
 """
 
 from __future__ import annotations
@@ -20,18 +20,36 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-# The interface of FSDPModule.set_custom_reduce_scatter; torch 2.13 exports it from no public module.
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+# The interfaces of FSDPModule.set_custom_all_gather / set_custom_reduce_scatter; torch 2.13 exports them from no
+# public module.
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
-from bigmodel.parallel.collectives import reduce_scatter_sum
+from bigmodel.parallel.collectives import all_gather_into, reduce_scatter_sum
 
 
-class AllToAllReduceScatter(ReduceScatter):
-    """FSDP2's reduce-scatter as `reduce_scatter_sum` (one all-to-all and a local sum, for gloo), then the division
-    for AVG by the group size, as gloo does. Synchronous: FSDP2 reads the output when it returns."""
-
+class _PlainAlloc:
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+
+class GlooAllGather(_PlainAlloc, AllGather):
+    """FSDP2's all-gather as `all_gather_into` (point-to-point on gloo; FSDP2's input is already the rank's chunk
+    of the output). Synchronous: FSDP2 reads the output when it returns, and None tells it there is nothing to wait
+    for."""
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        async_op: bool = False,
+    ) -> None:
+        all_gather_into(output_tensor, input_tensor, group)
+
+
+class GlooReduceScatter(_PlainAlloc, ReduceScatter):
+    """FSDP2's reduce-scatter as `reduce_scatter_sum` (point-to-point and a local sum on gloo), then the division
+    for AVG by the group size, as gloo does. Synchronous, as `GlooAllGather`."""
 
     def __call__(
         self,
@@ -66,8 +84,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
     a unit buys memory, never overlap, and costs a collective and a synchronisation of the ranks. Kept gathered, a
     block's unit no longer saves parameter memory, so there each block stack is one unit: one all-gather and one
     reduce-scatter per stack instead of per block, and a stack's unsharded gradients wait for the end of its
-    backward. Gradients are reduce-scattered by `AllToAllReduceScatter`. Each parameter is sharded the same way
-    whatever the units, so parameters and updates are too.
+    backward. Parameters and gradients move by `GlooAllGather` and `GlooReduceScatter`. Each parameter is sharded
+    the same way whatever the units, so parameters and updates are too.
     """
     if mesh.ndim == 2 and mesh.size(0) == 1:
         mesh = mesh[mesh.mesh_dim_names[1]]
@@ -81,5 +99,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
     if gloo:
         for module in model.modules():
             if isinstance(module, FSDPModule):
-                module.set_custom_reduce_scatter(AllToAllReduceScatter())
+                module.set_custom_all_gather(GlooAllGather())
+                module.set_custom_reduce_scatter(GlooReduceScatter())
     return model

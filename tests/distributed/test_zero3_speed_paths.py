@@ -1,7 +1,10 @@
 """The faster paths of native ZeRO-3 on gloo against what they replace, on real gloo processes.
 
-`AllToAllReduceScatter` (bigmodel/parallel/fsdp.py) stands in for gloo's reduce_scatter_tensor under FSDP2: it
-must give the same result, bitwise where the sum has one order (2 ranks), and `apply_fsdp` must actually use it.
+`GlooReduceScatter` and `GlooAllGather` (bigmodel/parallel/fsdp.py, over bigmodel.parallel.collectives) stand in for
+gloo's reduce_scatter_tensor and all_gather_into_tensor under FSDP2 and ZeRO-2: they must give the same result
+(bitwise for the gather, and for the sum where it has one order: 2 ranks), on subgroups too, through each transport
+(shared memory, in one piece or in many; point-to-point messages), and `apply_fsdp` must actually use them. Where the
+ranks cannot see each other's shared memory, every rank must fall back alike.
 The end-to-end equivalence with the single-process reference is tests/distributed/test_zero.py's.
 
 This file is also the worker: torchrun starts it with 4 processes (`python test_zero3_speed_paths.py --out F`).
@@ -12,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 WORLD = 4
-# On 4 ranks the all-to-all sums rank 0's to rank 3's chunks in rank order and gloo's ring sums in its own
+# On 4 ranks the exchange sums rank 0's to rank 3's chunks in rank order and gloo's ring sums in its own
 # order. Each of the two sums is off the exact one by at most 3 roundings of 2^-24 (6e-8) of the sum of the terms'
 # magnitudes (what the difference is divided by), so they differ by at most 3.6e-7; measured up to 2.5e-7. A chunk
 # delivered to the wrong rank or a missing 1/n is off by O(1).
@@ -31,42 +35,79 @@ def results(tmp_path_factory) -> list[dict]:
     return run_worker(WORLD, str(Path(__file__).resolve()), tmp_path_factory.mktemp("zero3_paths") / "out.json")
 
 
+TRANSPORTS = ["shm", "shm_pieces", "p2p"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("op", ["sum", "avg"])
-def test_all_to_all_reduce_scatter_is_gloos_on_two_ranks(results, op):
+def test_reduce_scatter_is_gloos_on_two_ranks(results, transport, op):
     for rank in results:
-        assert rank["pair"][op]["bitwise"], rank["pair"][op]
+        assert rank[transport]["pair"][op]["bitwise"], rank[transport]
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("op", ["sum", "avg"])
-def test_all_to_all_reduce_scatter_matches_gloo_on_four_ranks(results, op):
+def test_reduce_scatter_matches_gloo_on_four_ranks(results, transport, op):
     for rank in results:
-        assert rank["world"][op]["max_rel"] <= FOUR_RANK_RTOL, rank["world"][op]
+        assert rank[transport]["world"][op]["max_rel"] <= FOUR_RANK_RTOL, rank[transport]
 
 
-def test_fsdp_reduces_gradients_by_all_to_all(results):
-    # One all-to-all per FSDP unit and step (the reduce-scatters that remain are the contrastive loss's backward).
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("group", ["pair", "world"])
+def test_all_gather_is_gloos(results, transport, group):
     for rank in results:
-        assert rank["zero3_step_calls"].get("all_to_all") == rank["fsdp_units"], rank
+        assert rank[transport][group]["gather_bitwise"], rank[transport]
+
+
+def test_transports_were_the_ones_named(results):
+    for rank in results:
+        assert rank["shm"]["pair"]["shared"] and rank["shm_pieces"]["world"]["shared"], rank
+        assert rank["shm_pieces"]["world"]["slot_bytes"] == 1024, rank
+        assert not rank["p2p"]["pair"]["shared"] and not rank["p2p"]["world"]["shared"], rank
+
+
+def test_ranks_without_a_common_shm_fall_back_together(results):
+    # Ranks 1 and 3 have no shared-memory folder (a host without /dev/shm): no rank may use shared memory (it would
+    # wait for them), and the segment files that ranks 0 and 2 made are gone afterwards.
+    for rank in results:
+        assert rank["separate_shm"] == {"fell_back": True, "left_behind": [], "gather_bitwise": True}, rank
+
+
+def test_fsdp_gathers_and_reduces_through_bigmodels_collectives(results):
+    # Per step and unit (resharded after forward): an all-gather in forward, another in backward, one reduce-scatter.
+    # The rest are the contrastive loss's gathers of the embeddings (funcol: as many as in the kept-gathered step)
+    # and their backward; nothing goes point-to-point or through gloo's all-to-all.
+    for rank in results:
+        ours, keep = rank["zero3_step_calls"], rank["keep_gathered_step_calls"]
+        assert ours["bigmodel"] == {"all_gather": 2 * rank["fsdp_units"], "reduce_scatter": rank["fsdp_units"]}, rank
+        losses = ours["all"]["all_gather"] - ours["bigmodel"]["all_gather"]
+        assert losses == keep["all"]["all_gather"] - keep["bigmodel"]["all_gather"] > 0, rank
+        assert "p2p" not in ours["all"] and "all_to_all" not in ours["all"], rank
 
 
 def test_kept_gathered_blocks_form_one_unit_per_stack(results):
-    # Each stack and the root reduce their gradients once per step (test_zero.py: the same updates as per block).
+    # Each stack and the root gather their parameters and reduce their gradients once per step (test_zero.py: the
+    # same updates as per block).
     for rank in results:
-        assert rank["keep_gathered_step_calls"].get("all_to_all") == rank["block_stacks"] + 1, rank
+        units = rank["block_stacks"] + 1
+        assert rank["keep_gathered_step_calls"]["bigmodel"] == {"all_gather": units, "reduce_scatter": units}, rank
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The worker
 
 
-def compare_reduce_scatter(group, seed: int) -> dict[str, dict]:
-    """AllToAllReduceScatter against dist.reduce_scatter_tensor on `group`, for SUM and AVG, on an uneven mix of
-    magnitudes (so that the order of the sum shows in the last bits). max_rel: the largest difference over the sum
-    of the terms' magnitudes (a difference of sums that cancel is measured against the terms, not the result)."""
+def compare_collectives(group, seed: int) -> dict[str, Any]:
+    """GlooReduceScatter against dist.reduce_scatter_tensor on `group`, for SUM and AVG, on an uneven mix of
+    magnitudes (so that the order of the sum shows in the last bits), and GlooAllGather against
+    dist.all_gather_into_tensor, gathering in place (as FSDP2 does) and from a separate input. max_rel: the largest
+    difference over the sum of the terms' magnitudes (a difference of sums that cancel is measured against the
+    terms, not the result)."""
     import torch
     import torch.distributed as dist
 
-    from bigmodel.parallel.fsdp import AllToAllReduceScatter
+    from bigmodel.parallel import collectives
+    from bigmodel.parallel.fsdp import GlooAllGather, GlooReduceScatter
 
     n = group.size()
     gen = torch.Generator().manual_seed(seed)
@@ -76,15 +117,65 @@ def compare_reduce_scatter(group, seed: int) -> dict[str, dict]:
     out = {}
     for name, op, terms in (("sum", dist.ReduceOp.SUM, magnitude), ("avg", dist.ReduceOp.AVG, magnitude / n)):
         ours, gloo = torch.empty(1001), torch.empty(1001)
-        AllToAllReduceScatter()(ours, data.clone(), group, op)
+        GlooReduceScatter()(ours, data.clone(), group, op)
         dist.reduce_scatter_tensor(gloo, data.clone(), op=op, group=group)
         out[name] = {"bitwise": torch.equal(ours, gloo), "max_rel": ((ours - gloo).abs() / terms).max().item()}
+    mine = data[:1001]
+    gloo, separate, in_place = torch.empty(n * 1001), torch.empty(n * 1001), torch.zeros(n * 1001)
+    dist.all_gather_into_tensor(gloo, mine, group=group)
+    GlooAllGather()(separate, mine, group)
+    own = in_place[group.rank() * 1001 : (group.rank() + 1) * 1001]
+    own.copy_(mine)
+    GlooAllGather()(in_place, own, group)
+    out["gather_bitwise"] = torch.equal(separate, gloo) and torch.equal(in_place, gloo)
+    segments = collectives._segments.get(group)
+    out["shared"], out["slot_bytes"] = segments is not None, segments.slot_bytes if segments else None
     return out
 
 
-def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, int], int, int]:
-    """The collectives, by kind, of one native ZeRO-3 training step of the tiny model over every rank, the number
-    of modules that FSDP wraps and the number of block stacks."""
+def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
+    """compare_collectives over a pair of ranks and over all four, through each transport (fresh groups for each,
+    as the transport is chosen at a group's first collective), and HostSegments.create where the odd ranks have no
+    shared-memory folder."""
+    import os
+
+    import torch.distributed as dist
+
+    from bigmodel.parallel import shm
+
+    def groups() -> dict[str, Any]:
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        return {"pair": pairs[rank // 2], "world": dist.new_group(list(range(WORLD)))}
+
+    out: dict[str, Any] = {}
+    out["shm"] = {name: compare_collectives(group, seed=rank) for name, group in groups().items()}
+    shm.SLOT_BYTES = 1024  # 1001 floats: 4 pieces to gather, 8 or 16 to reduce-scatter
+    out["shm_pieces"] = {name: compare_collectives(group, seed=rank) for name, group in groups().items()}
+    shm.SLOT_BYTES = 16 << 20
+    os.environ["BIGMODEL_SHM"] = "0"
+    out["p2p"] = {name: compare_collectives(group, seed=rank) for name, group in groups().items()}
+    del os.environ["BIGMODEL_SHM"]
+
+    own_dir = Path(out_dir) / f"shm-{rank}"
+    if rank % 2 == 0:
+        own_dir.mkdir()
+    shm.SHM_DIR, default_dir = own_dir, shm.SHM_DIR
+    group = groups()["world"]
+    segments = shm.HostSegments.create(group)
+    shm.SHM_DIR = default_dir
+    gathered = compare_collectives(group, seed=rank)["gather_bitwise"]  # its first collective: it looks in /dev/shm
+    out["separate_shm"] = {
+        "fell_back": segments is None,
+        "left_behind": os.listdir(own_dir) if rank % 2 == 0 else [],
+        "gather_bitwise": gathered,
+    }
+    return out
+
+
+def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, dict[str, int]], int, int]:
+    """The collectives, by kind, of one native ZeRO-3 training step of the tiny model over every rank (all of them,
+    as CollectiveCounter counts them, and those of bigmodel.parallel.collectives alone), the number of modules that
+    FSDP wraps and the number of block stacks."""
     import torch
     from torch.distributed.fsdp import FSDPModule
 
@@ -92,6 +183,7 @@ def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, int], int
     from bigmodel.config import load_config
     from bigmodel.data import build_train_loader
     from bigmodel.engines import build_engine
+    from bigmodel.parallel import collectives
     from bigmodel.parallel.context import setup_parallel
     from bigmodel.parallel.verify import layout_overrides
     from bigmodel.train.loop import split_microbatches
@@ -101,11 +193,11 @@ def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, int], int
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, ctx)
     batch = next(iter(build_train_loader(cfg, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp)))
-    counter = CollectiveCounter()
-    with counter:
+    counter, ours = CollectiveCounter(), {}
+    with counter, collectives.observe(lambda kind, _: ours.__setitem__(kind, ours.get(kind, 0) + 1)):
         engine.train_step(split_microbatches(batch, 1))
     wrapped = sum(isinstance(module, FSDPModule) for module in engine.model.modules())
-    return counter.calls, wrapped, len(engine.model.block_stacks())
+    return {"all": counter.calls, "bigmodel": ours}, wrapped, len(engine.model.block_stacks())
 
 
 def worker_main() -> None:
@@ -122,10 +214,8 @@ def worker_main() -> None:
     calls, units, stacks = zero3_step_calls(out_dir)  # initialises the default group
     keep_calls, _, _ = zero3_step_calls(out_dir, "--parallel.reshard_after_forward=false")
     rank = dist.get_rank()
-    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     mine = {
-        "pair": compare_reduce_scatter(pairs[rank // 2], seed=rank),
-        "world": compare_reduce_scatter(dist.group.WORLD, seed=rank),
+        **compare_transports(out_dir, rank),
         "zero3_step_calls": calls,
         "fsdp_units": units,
         "keep_gathered_step_calls": keep_calls,
