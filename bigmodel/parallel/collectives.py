@@ -19,6 +19,7 @@ the point-to-point messages and waits that the other paths issue are then not co
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -30,7 +31,8 @@ from bigmodel.parallel import shm
 Observer = Callable[[str, float], None]
 _observers: list[Observer] = []
 _state = threading.local()
-_segments: dict[dist.ProcessGroup, shm.HostSegments | None] = {}
+# Each group's segments, unmapped when the group is destroyed and collected.
+_segments: weakref.WeakKeyDictionary[dist.ProcessGroup, shm.HostSegments | None] = weakref.WeakKeyDictionary()
 
 
 @contextmanager

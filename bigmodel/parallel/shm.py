@@ -24,6 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+import weakref
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ class HostSegments:
     same order on every rank of the group, from one thread."""
 
     def __init__(self, group: dist.ProcessGroup, maps: list[mmap.mmap], slot_bytes: int) -> None:
-        self.group, self.rank, self.world = group, group.rank(), group.size()
+        self._group = weakref.ref(group)  # collectives keys its cache by the group, weakly
+        self.rank, self.world = group.rank(), group.size()
         self.slot_bytes = slot_bytes
         self._maps = maps  # kept alive: the tensors below view their memory
         whole = [torch.frombuffer(m, dtype=torch.uint8) for m in maps]
@@ -94,7 +96,7 @@ class HostSegments:
         return [slot.view(dtype) for slot in slots]
 
     def _wait(self) -> None:
-        dist.all_reduce(self._flag, group=self.group)
+        dist.all_reduce(self._flag, group=self._group())
 
     def all_gather_into(self, output: torch.Tensor, input: torch.Tensor) -> None:
         """`dist.all_gather_into_tensor(output, input)`: chunk r of the contiguous `output` gets rank r's `input`."""

@@ -62,8 +62,13 @@ def test_all_gather_is_gloos(results, transport, group):
 def test_transports_were_the_ones_named(results):
     for rank in results:
         assert rank["shm"]["pair"]["shared"] and rank["shm_pieces"]["world"]["shared"], rank
-        assert rank["shm_pieces"]["world"]["slot_bytes"] == 1024, rank
+        assert rank["shm"]["world"]["slot_bytes"] == 64 << 10 and rank["shm_pieces"]["world"]["slot_bytes"] == 1024
         assert not rank["p2p"]["pair"]["shared"] and not rank["p2p"]["world"]["shared"], rank
+
+
+def test_segments_are_unmapped_with_their_group(results):
+    for rank in results:
+        assert rank["released_with_group"], rank
 
 
 def test_ranks_without_a_common_shm_fall_back_together(results):
@@ -136,18 +141,21 @@ def compare_collectives(group, seed: int) -> dict[str, Any]:
 def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
     """compare_collectives over a pair of ranks and over all four, through each transport (fresh groups for each,
     as the transport is chosen at a group's first collective), and HostSegments.create where the odd ranks have no
-    shared-memory folder."""
+    shared-memory folder; then whether a group's segments go when the group is destroyed."""
+    import gc
     import os
+    import weakref
 
     import torch.distributed as dist
 
-    from bigmodel.parallel import shm
+    from bigmodel.parallel import collectives, shm
 
     def groups() -> dict[str, Any]:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
         return {"pair": pairs[rank // 2], "world": dist.new_group(list(range(WORLD)))}
 
     out: dict[str, Any] = {}
+    shm.SLOT_BYTES = 64 << 10  # one piece for each collective below; 128 KiB of /dev/shm a rank and group, not 32 MiB
     out["shm"] = {name: compare_collectives(group, seed=rank) for name, group in groups().items()}
     shm.SLOT_BYTES = 1024  # 1001 floats: 4 pieces to gather, 8 or 16 to reduce-scatter
     out["shm_pieces"] = {name: compare_collectives(group, seed=rank) for name, group in groups().items()}
@@ -161,11 +169,16 @@ def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
         own_dir.mkdir()
     shm.SHM_DIR, default_dir = own_dir, shm.SHM_DIR
     group = groups()["world"]
-    segments = shm.HostSegments.create(group)
+    fell_back = shm.HostSegments.create(group) is None
     shm.SHM_DIR = default_dir
     gathered = compare_collectives(group, seed=rank)["gather_bitwise"]  # its first collective: it looks in /dev/shm
+    released = weakref.ref(collectives._segments[group])
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    out["released_with_group"] = released() is None
     out["separate_shm"] = {
-        "fell_back": segments is None,
+        "fell_back": fell_back,
         "left_behind": os.listdir(own_dir) if rank % 2 == 0 else [],
         "gather_bitwise": gathered,
     }
