@@ -1,15 +1,17 @@
-"""All-gather and reduce-scatter for ZeRO and FSDP2, done faster than gloo's own where the process group is gloo's.
+"""All-gather, reduce-scatter and all-reduce for ZeRO and FSDP2, done faster than gloo's own where the process group
+is gloo's.
 
 Other backends (NCCL) run the collective itself. On gloo:
 
 - ranks that share a host exchange the data through shared memory (`bigmodel.parallel.shm`);
 - otherwise each rank posts one receive from and one send to every other rank at once (`dist.batch_isend_irecv`),
-  so every chunk travels once, straight to the rank that needs it.
+  so every chunk travels once, straight to the rank that needs it (all-gather, reduce-scatter), or gloo runs its
+  own all-reduce.
 
 gloo's own all-gather and reduce-scatter are ring or all-reduce algorithms that move a buffer in steps. Measured on 2
 local ranks (30 MB, one torch thread, medians of 15), they take about twice as long as the same bytes sent directly:
 `all_gather_into_tensor` 25-34 ms against 14-15 ms, and `reduce_scatter_tensor` 41 ms (it all-reduces the whole
-input) against 15 ms. Shared memory takes 8-10 ms for either. Both functions are synchronous.
+input) against 15 ms. Shared memory takes 8-10 ms for either. All three functions are synchronous.
 
 `observe` lets a counter (`bigmodel.bench.distributed.CollectiveCounter`) see these collectives as what they are,
 the bytes one rank sends in the ring algorithm, whatever carries them: shared memory issues no c10d operation, and
@@ -130,3 +132,19 @@ def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor, group: dist.Pr
         torch.add(terms[0], terms[1], out=flat)
         for term in terms[2:]:
             flat.add_(term)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """`dist.all_reduce(tensor, SUM, group)` of the contiguous `tensor`, in place. Through shared memory every rank
+    ends with the same bits, the ranks' values summed in rank order: on 2 ranks gloo's result, bitwise; on more, a
+    few ulp from gloo's ring."""
+    if not _gloo(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return
+    world = group.size()
+    with _collective("all_reduce", 2 * (world - 1) / world * tensor.numel() * tensor.element_size()):
+        segments = _host_segments(group) if world > 1 else None
+        if segments is not None:
+            segments.all_reduce_sum(tensor)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)

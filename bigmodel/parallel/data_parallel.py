@@ -9,8 +9,10 @@ its local tensor, and sharded or reduced only across the data-parallel group). A
   flattened local tensor (chunks of ceil(numel / dp) elements, the last ones padded or empty) and updates only that
   chunk; `step` all-gathers the updated chunks into every rank's parameters.
 - stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed
-  (on gloo point-to-point and a local sum: `bigmodel.parallel.collectives.reduce_scatter_sum`; the stage 1 and 2
-  all-gather likewise, `all_gather_into`).
+  (`bigmodel.parallel.collectives.reduce_scatter_sum`).
+
+On gloo the all-reduce, reduce-scatter and all-gather go through shared memory between the ranks of a host
+(`bigmodel.parallel.collectives`; docs/parallelism.md).
 
 AdamW holds each owned chunk as an nn.Parameter that is a view into the model parameter's storage, so there is no
 second copy of the weights and ZeRO's memory accounting holds (bigmodel/parallel/memory.py). Collectives run on
@@ -33,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import TrainConfig
-from bigmodel.parallel.collectives import all_gather_into, reduce_scatter_sum
+from bigmodel.parallel.collectives import all_gather_into, all_reduce_sum, reduce_scatter_sum
 from bigmodel.parallel.grad_norm import GradPiece, as_grad_piece, clip_grad_norm_, split_groups
 from bigmodel.train.optim import decays
 
@@ -162,7 +164,7 @@ class ZeroOptimizer:
     def _all_reduce(self, bucket: _Bucket) -> None:
         grads = [self._local_grad(slot) for slot in bucket.slots]
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        all_reduce_sum(flat, self.group)
         flat.div_(self.dp)
         for slot, grad, averaged in zip(bucket.slots, grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(averaged)

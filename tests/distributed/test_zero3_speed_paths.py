@@ -1,7 +1,8 @@
 """The faster paths of native ZeRO-3 on gloo against what they replace, on real gloo processes.
 
 `GlooReduceScatter` and `GlooAllGather` (bigmodel/parallel/fsdp.py, over bigmodel.parallel.collectives) stand in for
-gloo's reduce_scatter_tensor and all_gather_into_tensor under FSDP2 and ZeRO-2: they must give the same result
+gloo's reduce_scatter_tensor and all_gather_into_tensor under FSDP2 and ZeRO-1/2, and `all_reduce_sum` for gloo's
+all_reduce under ZeRO-0/1 (bigmodel.parallel.data_parallel): they must give the same result
 (bitwise for the gather, and for the sum where it has one order: 2 ranks), on subgroups too, through each transport
 (shared memory, in one piece or in many; point-to-point messages), and `apply_fsdp` must actually use them. Where the
 ranks cannot see each other's shared memory, every rank must fall back alike.
@@ -50,6 +51,20 @@ def test_reduce_scatter_is_gloos_on_two_ranks(results, transport, op):
 def test_reduce_scatter_matches_gloo_on_four_ranks(results, transport, op):
     for rank in results:
         assert rank[transport]["world"][op]["max_rel"] <= FOUR_RANK_RTOL, rank[transport]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_all_reduce_is_gloos_on_two_ranks_and_close_on_four(results, transport):
+    for rank in results:
+        assert rank[transport]["pair"]["all_reduce"]["bitwise"], rank[transport]
+        assert rank[transport]["world"]["all_reduce"]["max_rel"] <= FOUR_RANK_RTOL, rank[transport]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("group", ["pair", "world"])
+def test_all_reduce_leaves_the_same_bits_on_every_rank(results, transport, group):
+    for rank in results:
+        assert rank[transport][group]["all_reduce"]["same_on_every_rank"], rank[transport]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -104,8 +119,9 @@ def test_kept_gathered_blocks_form_one_unit_per_stack(results):
 
 def compare_collectives(group, seed: int) -> dict[str, Any]:
     """GlooReduceScatter against dist.reduce_scatter_tensor on `group`, for SUM and AVG, on an uneven mix of
-    magnitudes (so that the order of the sum shows in the last bits), and GlooAllGather against
-    dist.all_gather_into_tensor, gathering in place (as FSDP2 does) and from a separate input. max_rel: the largest
+    magnitudes (so that the order of the sum shows in the last bits), GlooAllGather against
+    dist.all_gather_into_tensor, gathering in place (as FSDP2 does) and from a separate input, and
+    collectives.all_reduce_sum against dist.all_reduce. max_rel: the largest
     difference over the sum of the terms' magnitudes (a difference of sums that cancel is measured against the
     terms, not the result)."""
     import torch
@@ -133,6 +149,17 @@ def compare_collectives(group, seed: int) -> dict[str, Any]:
     own.copy_(mine)
     GlooAllGather()(in_place, own, group)
     out["gather_bitwise"] = torch.equal(separate, gloo) and torch.equal(in_place, gloo)
+    summed, gloo, magnitude = data.clone(), data.clone(), data.abs()
+    collectives.all_reduce_sum(summed, group)
+    dist.all_reduce(gloo, group=group)
+    dist.all_reduce(magnitude, group=group)
+    everyone = [torch.empty_like(summed) for _ in range(n)]
+    dist.all_gather(everyone, summed, group=group)
+    out["all_reduce"] = {
+        "bitwise": torch.equal(summed, gloo),
+        "max_rel": ((summed - gloo).abs() / magnitude).max().item(),
+        "same_on_every_rank": all(torch.equal(theirs, summed) for theirs in everyone),
+    }
     segments = collectives._segments.get(group)
     out["shared"], out["slot_bytes"] = segments is not None, segments.slot_bytes if segments else None
     return out
