@@ -74,8 +74,11 @@ def engine_state_dict(engine: NativeEngine) -> dict[str, Any]:
     model: dict[str, Any] = {}
     for module in engine.model_parts():
         model.update(module.state_dict())
-    optim = engine.zero.fqn_state_dict() if engine.zero is not None else parts_optimizer_state(engine)
-    return {"model": model, "optim": pack_hyperparameters(optim), "scheduler": engine.scheduler.state_dict()}
+    if engine.zero is not None:
+        optim = pack_hyperparameters(engine.zero.fqn_state_dict())
+    else:
+        optim = parts_optimizer_state(engine, packed=True)
+    return {"model": model, "optim": optim, "scheduler": engine.scheduler.state_dict()}
 
 
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
@@ -171,21 +174,28 @@ def _named_params(engine: NativeEngine) -> dict[int, str]:
     return {id(p): name for part in engine.model_parts() for name, p in part.named_parameters()}
 
 
-def parts_optimizer_state(engine: NativeEngine) -> dict[str, Any]:
+def parts_optimizer_state(engine: NativeEngine, packed: bool = False) -> dict[str, Any]:
     """The state of an AdamW over the engine's model parts (every layout but ZeroOptimizer's stages 1 and 2) in the
     flattened form of `get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`, which torch's helpers
     build for one module only. The moments are the optimizer's own tensors (DTensors where the parameters are);
-    before the first step they are zeros and step 0, so the form never depends on when it is taken."""
+    before the first step they are zeros and step 0, so the form never depends on when it is taken.
+
+    packed: the hyper-parameters as `pack_hyperparameters` would pack them, made once per group rather than split
+    into ~12 items per parameter and joined again (~4k items at 15M parameters, 5-10 ms of every save and load)."""
     names = _named_params(engine)
     flat: dict[str, Any] = {}
     for group in engine.optimizer.param_groups:
         hyper = {k: v for k, v in group.items() if k != "params"}
+        record = _packed(tuple(hyper.items())) if packed else None
         for param in group["params"]:
             name, state = names[id(param)], engine.optimizer.state.get(param, {})
             flat[f"state.{name}.step"] = state.get("step", torch.tensor(0.0)).detach().clone()
             for key in ("exp_avg", "exp_avg_sq"):
                 flat[f"state.{name}.{key}"] = state[key] if key in state else torch.zeros_like(param)
-            flat.update({f"param_groups.{name}.{k}": v for k, v in hyper.items()})
+            if packed:
+                flat[_HYPER_PREFIX + name] = record
+            else:
+                flat.update({f"{_HYPER_PREFIX}{name}.{k}": v for k, v in hyper.items()})
     return flat
 
 

@@ -19,6 +19,7 @@ from bigmodel.checkpoint.sharded import (
     load_engine_state_dict,
     load_sharded,
     pack_hyperparameters,
+    parts_optimizer_state,
     save_sharded,
     unpack_hyperparameters,
 )
@@ -58,6 +59,14 @@ def test_state_is_torch_helpers_form():
                 assert torch.equal(ours[part][key], value), key
             else:
                 assert ours[part][key] == value, key
+
+
+def test_packed_parts_state_is_pack_hyperparameters_of_the_flat_one():
+    engine = trained_engine(seed=0, steps=1)
+    packed, flat = parts_optimizer_state(engine, packed=True), parts_optimizer_state(engine)
+    assert packed.keys() == pack_hyperparameters(flat).keys()
+    for key, value in pack_hyperparameters(flat).items():
+        assert torch.equal(packed[key], value) if isinstance(value, torch.Tensor) else packed[key] == value, key
 
 
 def test_parameters_of_a_group_share_one_hyper_parameter_record():
