@@ -228,6 +228,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def __init__(self) -> None:
         super().__init__(flatten_sharded_tensors=False)  # bigmodel holds no ShardedTensor: no need to look for one
+        self._read_bytes: dict[bytes, bytes] = {}
 
     def create_local_plan(self) -> LoadPlan:
         index = self.metadata.state_dict_metadata
@@ -245,7 +246,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
-        obj = read_plain_record(value, fqn)
+        record = value.getvalue()
+        if record in self._read_bytes:  # the parameters of one optimizer group share one hyper-parameter record
+            obj: Any = self._read_bytes[record]
+        else:
+            obj = read_plain_record(value, fqn)
+            if isinstance(obj, bytes):  # immutable: safe to hand to several items
+                self._read_bytes[record] = obj
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
 

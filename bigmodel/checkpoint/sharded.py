@@ -161,10 +161,14 @@ def unpack_hyperparameters(packed: dict[str, Any]) -> dict[str, Any]:
     from bigmodel.checkpoint.safe import read_plain_record
 
     flat: dict[str, Any] = {}
+    records: dict[bytes, Any] = {}  # a group's parameters share one record: read it once
     for key, value in packed.items():
         if key.startswith(_HYPER_PREFIX):
-            pairs = read_plain_record(io.BytesIO(value), key) if isinstance(value, bytes) else value
-            flat.update({f"{key}.{field}": v for field, v in pairs})
+            if isinstance(value, bytes):
+                if value not in records:
+                    records[value] = read_plain_record(io.BytesIO(value), key)
+                value = records[value]
+            flat.update({f"{key}.{field}": v for field, v in value})
         else:
             flat[key] = value
     return flat
