@@ -289,7 +289,7 @@ class RawRecordWriter(FileSystemWriter):
         digest = _HASHES[CHECKSUM]()
         with open(Path(self.path) / name, "wb") as f:
             writeback = Writeback(f)
-            for item in plan.items:
+            for item in sorted(plan.items, key=_stored_bytes):
                 offset = f.tell()
                 record = _record(item, planner)
                 f.write(record)
@@ -303,6 +303,16 @@ class RawRecordWriter(FileSystemWriter):
         written: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         written.set_result(results)
         return written
+
+
+def _stored_bytes(item: WriteItem) -> int:
+    """The order of RawRecordWriter's records: non-tensor items first, then tensors from the smallest. A load reads
+    them in file order while the disk still delivers the rest (`_prefetching`), so its many small records (at 15M
+    parameters ~640 of 1,670 hold 2% of the bytes: step counters, biases, norms) cost Python time while the disk
+    reads the large ones, not after it is done (where they were, 8-10 ms after the prefetch's end)."""
+    if item.tensor_data is None:
+        return 0
+    return item.tensor_data.chunk.sizes.numel() * item.tensor_data.properties.dtype.itemsize
 
 
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:

@@ -160,3 +160,17 @@ def test_load_restores_the_interpreters_switch_interval(tmp_path):
     with pytest.raises(ValueError, match="is cut short"):
         load_sharded(tmp_path / "ckpt", engine)
     assert sys.getswitchinterval() == before
+
+
+def test_records_are_stored_smallest_first(tmp_path):
+    """RawRecordWriter stores non-tensor items first, then tensors by size, so that a load meets its many small
+    records while the disk still reads the large ones (sharded._stored_bytes)."""
+    save_sharded(tmp_path / "ckpt", trained_engine(seed=0, steps=1), {"step": 1})
+    metadata = read_dcp_metadata(tmp_path / "ckpt" / ".metadata")
+    by_offset = sorted(metadata.storage_data.items(), key=lambda item: item[1].offset)
+    sizes = []
+    for index, _ in by_offset:
+        stored = metadata.state_dict_metadata[index.fqn]
+        chunk = getattr(stored, "chunks", None)
+        sizes.append(0 if chunk is None else chunk[0].sizes.numel() * stored.properties.dtype.itemsize)
+    assert sizes == sorted(sizes) and sizes[0] == 0 and sizes[-1] > 1000, sizes[:5]
