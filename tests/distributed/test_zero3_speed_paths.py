@@ -81,6 +81,13 @@ def test_transports_were_the_ones_named(results):
         assert not rank["p2p"]["pair"]["shared"] and not rank["p2p"]["world"]["shared"], rank
 
 
+def test_small_all_reduces_and_gathers_are_gloos_own(results):
+    # 16 KB: below SMALL_ALL_REDUCE_BYTES and SMALL_ALL_GATHER_BYTES, where gloo's own is faster: the group never
+    # maps shared memory, and the results are gloo's, bitwise (on 4 ranks too).
+    for rank in results:
+        assert rank["small"] == {"segments": False, "bitwise": True}, rank
+
+
 def test_segments_are_unmapped_with_their_group(results):
     for rank in results:
         assert rank["released_with_group"], rank
@@ -168,11 +175,13 @@ def compare_collectives(group, seed: int) -> dict[str, Any]:
 def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
     """compare_collectives over a pair of ranks and over all four, through each transport (fresh groups for each,
     as the transport is chosen at a group's first collective), and HostSegments.create where the odd ranks have no
-    shared-memory folder; then whether a group's segments go when the group is destroyed."""
+    shared-memory folder; whether a group's segments go when the group is destroyed; and that small all-reduces and
+    all-gathers are gloo's own (the comparisons above lower the size limits to 0 for their 4-16 KB buffers)."""
     import gc
     import os
     import weakref
 
+    import torch
     import torch.distributed as dist
 
     from bigmodel.parallel import collectives, shm
@@ -182,6 +191,8 @@ def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
         return {"pair": pairs[rank // 2], "world": dist.new_group(list(range(WORLD)))}
 
     out: dict[str, Any] = {}
+    defaults = collectives.SMALL_ALL_REDUCE_BYTES, collectives.SMALL_ALL_GATHER_BYTES
+    collectives.SMALL_ALL_REDUCE_BYTES = collectives.SMALL_ALL_GATHER_BYTES = 0  # these buffers are 4-16 KB
     shm.SLOT_BYTES = 64 << 10  # one piece for each collective below; 128 KiB of /dev/shm a rank and group, not 32 MiB
     out["shm"] = {name: compare_collectives(group, seed=rank) for name, group in groups().items()}
     shm.SLOT_BYTES = 1024  # 1001 floats: 4 pieces to gather, 8 or 16 to reduce-scatter
@@ -204,10 +215,24 @@ def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
     del group
     gc.collect()
     out["released_with_group"] = released() is None
+
     out["separate_shm"] = {
         "fell_back": fell_back,
         "left_behind": os.listdir(own_dir) if rank % 2 == 0 else [],
         "gather_bitwise": gathered,
+    }
+
+    collectives.SMALL_ALL_REDUCE_BYTES, collectives.SMALL_ALL_GATHER_BYTES = defaults
+    small, data = groups()["world"], torch.randn(4096, generator=torch.Generator().manual_seed(rank))
+    summed, gloo = data.clone(), data.clone()
+    collectives.all_reduce_sum(summed, small)
+    dist.all_reduce(gloo, group=small)
+    ours, theirs = torch.empty(WORLD * 4096), torch.empty(WORLD * 4096)
+    collectives.all_gather_into(ours, data, small)
+    dist.all_gather_into_tensor(theirs, data, group=small)
+    out["small"] = {
+        "segments": collectives._segments.get(small) is not None,
+        "bitwise": torch.equal(summed, gloo) and torch.equal(ours, theirs),
     }
     return out
 
