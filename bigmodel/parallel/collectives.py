@@ -139,10 +139,7 @@ def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor, group: dist.Pr
         received = dict(zip(others, input.new_empty(world - 1, chunks.shape[1]), strict=True))
         _exchange(group, {peer: chunks[peer] for peer in others}, received)
         terms = [chunks[rank] if peer == rank else received[peer] for peer in range(world)]
-        flat = output.view(-1)
-        torch.add(terms[0], terms[1], out=flat)
-        for term in terms[2:]:
-            flat.add_(term)
+        shm.sum_in_rank_order(output.view(-1), terms)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:

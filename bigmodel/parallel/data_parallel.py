@@ -179,7 +179,7 @@ class ZeroOptimizer:
             send[:, slot.offset : slot.offset + slot.chunk].copy_(padded.view(self.dp, slot.chunk))
             slot.param.grad = None  # the whole gradient is not needed any more
         bucket.grads = send.new_empty(bucket.size)
-        reduce_scatter_sum(bucket.grads, send.view(-1), self.group)  # point-to-point on gloo
+        reduce_scatter_sum(bucket.grads, send.view(-1), self.group)
         bucket.grads.div_(self.dp)
         for slot in bucket.slots:
             slot.owned.grad = bucket.grads[slot.offset : slot.offset + slot.owned.numel()]

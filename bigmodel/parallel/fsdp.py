@@ -7,7 +7,7 @@ precision is bf16 autocast in every layout, so no MixedPrecisionPolicy: paramete
 optimizer state stay fp32. The optimizer is `bigmodel.train.optim.build_optimizer` over the resulting DTensor
 parameters, switched to foreach (NativeEngine: per-tensor DTensor dispatch dominates AdamW on shards); clip with
 `bigmodel.parallel.grad_norm.clip_grad_norm_` over their gradients. Over gloo, parameters are all-gathered by
-`GlooAllGather` and gradients reduce-scattered by `GlooReduceScatter` (point-to-point, `bigmodel.parallel.collectives`).
+`GlooAllGather` and gradients reduce-scattered by `GlooReduceScatter` (`bigmodel.parallel.collectives`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class _PlainAlloc:
 
 
 class GlooAllGather(_PlainAlloc, AllGather):
-    """FSDP2's all-gather as `all_gather_into` (point-to-point on gloo; FSDP2's input is already the rank's chunk
-    of the output). Synchronous: FSDP2 reads the output when it returns, and None tells it there is nothing to wait
-    for."""
+    """FSDP2's all-gather as `all_gather_into` (shared memory or point-to-point on gloo; FSDP2's input is already
+    the rank's chunk of the output). Synchronous: FSDP2 reads the output when it returns, and None tells it there
+    is nothing to wait for."""
 
     def __call__(
         self,
@@ -48,7 +48,7 @@ class GlooAllGather(_PlainAlloc, AllGather):
 
 
 class GlooReduceScatter(_PlainAlloc, ReduceScatter):
-    """FSDP2's reduce-scatter as `reduce_scatter_sum` (point-to-point and a local sum on gloo), then the division
+    """FSDP2's reduce-scatter as `reduce_scatter_sum` (shared memory or point-to-point on gloo), then the division
     for AVG by the group size, as gloo does. Synchronous, as `GlooAllGather`."""
 
     def __call__(

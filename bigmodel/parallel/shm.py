@@ -128,10 +128,7 @@ class HostSegments:
             self._wait()
             terms = [slots[p][self.rank] for p in range(self.world)]
             terms[self.rank] = chunks[self.rank, start:stop]
-            piece = flat[start:stop]
-            torch.add(terms[0], terms[1], out=piece)
-            for term in terms[2:]:
-                piece.add_(term)
+            sum_in_rank_order(flat[start:stop], terms)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """`dist.all_reduce(tensor, SUM)` of the contiguous `tensor`, in place: rank r sums share r of the buffer,
@@ -146,15 +143,21 @@ class HostSegments:
             bounds = [piece.numel() * p // self.world for p in range(self.world + 1)]
             share = slice(bounds[self.rank], bounds[self.rank + 1])
             # Summed into `piece` (its own values are in the slot); only this rank reads this share of its slot.
-            torch.add(slots[0][share], slots[1][share], out=piece[share])
-            for slot in slots[2:]:
-                piece[share].add_(slot[share])
+            sum_in_rank_order(piece[share], [slot[share] for slot in slots])
             slots[self.rank][share].copy_(piece[share])
             self._wait()
             for peer in range(self.world):
                 if peer != self.rank:
                     theirs = slice(bounds[peer], bounds[peer + 1])
                     piece[theirs].copy_(slots[peer][theirs])
+
+
+def sum_in_rank_order(out: torch.Tensor, terms: list[torch.Tensor]) -> None:
+    """`out` = terms[0] + terms[1] + ..., added in that order (rank order: the same bits wherever it runs). At least
+    two terms; `out` may be one of them only if it is the first or second."""
+    torch.add(terms[0], terms[1], out=out)
+    for term in terms[2:]:
+        out.add_(term)
 
 
 def _map(path: Path, size: int, create: bool) -> mmap.mmap:
