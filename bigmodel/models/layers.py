@@ -7,6 +7,7 @@ tensor-parallel shard that holds only some of the heads runs the same code.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,12 @@ from torch.utils.checkpoint import checkpoint
 CPU_MATH_ATTENTION_MAX_TOKENS = 128
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 ACTIVATIONS = {
@@ -66,6 +70,54 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (a @ b), the scale applied inside the matmul (BLAS alpha) rather than as a pass of its own."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+
+
+class QuickGeluMLP(torch.autograd.Function):
+    """fc2(quick_gelu(fc1(x))) for x (..., D), fc1 (F, D), fc2 (D, F), with quick_gelu(h) = silu(1.702 h) / 1.702.
+
+    Both scales go into the matmuls (1.702 into fc1's alpha and beta, 1 / 1.702 into fc2's alpha), so the (..., F)
+    hidden sees one elementwise kernel forward (silu) and one backward (silu_backward). Autograd through
+    x * sigmoid(1.702 x) runs three forward and five backward, each over the largest activation of the block:
+    ~10% of an fp32 training step of the CLIP benchmark (docs/benchmarks.md, (b)). Saves the hidden twice (before
+    and after silu) where autograd saves it three times. Under autocast it computes in the autocast dtype, as the
+    linear layers would.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    ) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+        rows = x.reshape(-1, x.shape[-1])  # (N, D)
+        z = torch.addmm(b1, rows, w1.t(), beta=QUICK_GELU_SCALE, alpha=QUICK_GELU_SCALE)  # 1.702 fc1(x), (N, F)
+        a = F.silu(z)
+        y = torch.addmm(b2, a, w2.t(), alpha=1 / QUICK_GELU_SCALE)  # (N, D)
+        ctx.save_for_backward(rows, w1, w2, z, a)
+        ctx.input_shape = x.shape
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, w1, w2, z, a = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        dy = dy.reshape(-1, dy.shape[-1]).to(a.dtype)  # (N, D)
+        dw2 = _scaled_mm(dy.t(), a, 1 / QUICK_GELU_SCALE) if need_w2 else None
+        db2 = dy.sum(0) if need_b2 else None
+        if not (need_x or need_w1 or need_b1):
+            return None, None, None, dw2, db2
+        dz = torch.ops.aten.silu_backward(_scaled_mm(dy, w2, 1 / QUICK_GELU_SCALE), z)  # (N, F)
+        dx = _scaled_mm(dz, w1, QUICK_GELU_SCALE).view(ctx.input_shape) if need_x else None
+        dw1 = _scaled_mm(dz.t(), rows, QUICK_GELU_SCALE) if need_w1 else None
+        db1 = dz.sum(0).mul_(QUICK_GELU_SCALE) if need_b1 else None
+        return dx, dw1, db1, dw2, db2
+
+
 class MLP(nn.Module):
     """Two linear layers around an activation."""
 
@@ -73,10 +125,22 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.activation = activation
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "quick_gelu" and self._plain_linears() and not torch.compiler.is_compiling():
+            return QuickGeluMLP.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
+
+    def _plain_linears(self) -> bool:
+        """Whether fc1 and fc2 are plain linear layers that QuickGeluMLP may run without calling them: plain tensor
+        weights (not the DTensors tensor parallelism makes them) and no hooks (tensor parallelism's input and
+        output redistribution, or a user's). Compiled code takes the modules' path: inductor fuses it itself."""
+        linears = (self.fc1, self.fc2)
+        plain = all(type(p) in (torch.Tensor, nn.Parameter) for m in linears for p in (m.weight, m.bias))
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in linears)
+        return plain and not hooked
 
 
 class Block(nn.Module):

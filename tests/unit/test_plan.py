@@ -60,8 +60,9 @@ def test_parameter_counts_follow_the_model_and_its_pipeline_split():
         ],
         ["--model.fusion=merged"],
         ["--model.fusion=none", "--model.fusion_layers=0", "--train.loss_weights.itm=0", "--train.loss_weights.mlm=0"],
+        ["--model.activation=quick_gelu"],  # QuickGeluMLP saves the hidden twice, as one-kernel activations do
     ],
-    ids=["tiny", "wider", "merged", "contrastive-only"],
+    ids=["tiny", "wider", "merged", "contrastive-only", "quick-gelu"],
 )
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_activation_model_matches_saved_tensors(overrides, bf16, monkeypatch):
