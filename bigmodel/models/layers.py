@@ -71,8 +71,9 @@ class Attention(nn.Module):
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * (a @ b), the scale applied inside the matmul (BLAS alpha) rather than as a pass of its own."""
-    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+    """scale * (a @ b), the scale applied inside the matmul (BLAS alpha) rather than as a pass of its own. In place
+    into a new tensor: with beta 0 its contents are never read, and nothing is copied into it first."""
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=scale)
 
 
 class QuickGeluMLP(torch.autograd.Function):
