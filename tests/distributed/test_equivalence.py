@@ -36,11 +36,12 @@ SUITES = {
 FUSION_OVERRIDES = {
     "cross": [],
     "merged": ["--model.fusion=merged"],
-    "none": [
+    "none": [  # CLIP's shape, quick_gelu included: dp2 and zero3x4 run the fused QuickGeluMLP, tp2 the modules
         "--model.fusion=none",
         "--model.fusion_layers=0",
         "--train.loss_weights.itm=0",
         "--train.loss_weights.mlm=0",
+        "--model.activation=quick_gelu",
     ],
 }
 
