@@ -22,6 +22,7 @@ another's segment: ranks on different hosts, containers with separate /dev/shm, 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import uuid
@@ -64,7 +65,9 @@ class HostSegments:
         try:
             maps[rank] = _map(own, 2 * slot_bytes, create=True)
             maps[rank][: len(mark)] = mark
-        except OSError:
+        except OSError:  # no folder, or no room to reserve the segment (ENOSPC from a full /dev/shm)
+            with contextlib.suppress(OSError):  # raising here would leave the other ranks waiting below
+                own.unlink()  # the empty file made before the reservation failed
             own = None
         names: list[tuple[str | None, bytes]] = [(None, b"")] * world
         dist.all_gather_object(names, (str(own) if own else None, mark), group=group)

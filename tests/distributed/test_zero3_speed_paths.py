@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ WORLD = 4
 # magnitudes (what the difference is divided by), so they differ by at most 3.6e-7; measured up to 2.5e-7. A chunk
 # delivered to the wrong rank or a missing 1/n is off by O(1).
 FOUR_RANK_RTOL = 3.6e-7
+FULL_SHM_SLOT_BYTES = 256 << 10
+"""Slots in the full-tmpfs case: 512 KiB of segment a rank."""
+FULL_SHM_BYTES = 1200 << 10
+"""That tmpfs: room for two ranks' segments, not three."""
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,19 @@ def results(tmp_path_factory) -> list[dict]:
     # Imported here: torchrun runs this file as a script, where the `tests` package is not importable.
     from tests.distributed.launch import run_worker
 
-    return run_worker(WORLD, str(Path(__file__).resolve()), tmp_path_factory.mktemp("zero3_paths") / "out.json")
+    folder = tmp_path_factory.mktemp("zero3_paths")
+    # A tmpfs with room for two of the four ranks' segments (a full /dev/shm: Docker gives 64 MB). Mounting needs
+    # root; without it, the test that reads this case skips.
+    full = folder / "full-shm"
+    full.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={FULL_SHM_BYTES // 1024}k", "tmpfs", str(full)]
+    mounted = subprocess.run(mount, capture_output=True, check=False).returncode == 0
+    try:
+        extra = ["--full-shm", str(full)] if mounted else []
+        return run_worker(WORLD, str(Path(__file__).resolve()), folder / "out.json", *extra)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(full)], check=True)
 
 
 TRANSPORTS = ["shm", "shm_pieces", "p2p"]
@@ -98,6 +115,19 @@ def test_ranks_without_a_common_shm_fall_back_together(results):
     # wait for them), and the segment files that ranks 0 and 2 made are gone afterwards.
     for rank in results:
         assert rank["separate_shm"] == {"fell_back": True, "left_behind": [], "gather_bitwise": True}, rank
+
+
+def test_a_full_shm_is_an_error_at_setup_and_every_rank_falls_back(results):
+    if "full_shm" not in results[0]:
+        pytest.skip("mounting a small tmpfs needs root")
+    # Two ranks reserved their segments and two got ENOSPC when reserving (posix_fallocate), not a SIGBUS at a later
+    # write into memory the tmpfs does not have (which would have killed the worker). No rank then uses shared
+    # memory, the results are gloo's, and the segment files are gone.
+    outcomes = sorted(rank["full_shm"]["own_segment"] for rank in results)
+    assert outcomes == ["ENOSPC", "ENOSPC", "mapped", "mapped"], outcomes
+    for rank in results:
+        full = rank["full_shm"]
+        assert not full["shared"] and full["gather_bitwise"] and full["left_behind"] == [], full
 
 
 def test_fsdp_gathers_and_reduces_through_bigmodels_collectives(results):
@@ -237,6 +267,44 @@ def compare_transports(out_dir: str, rank: int) -> dict[str, Any]:
     return out
 
 
+def full_shm(folder: str) -> dict[str, Any]:
+    """compare_collectives on a fresh 4-rank group whose segments go to `folder`, a tmpfs with room for two of them:
+    what each rank's reservation of its own segment gave (mapped, or the errno's name), and what is left there."""
+    import errno
+    import os
+
+    import torch.distributed as dist
+
+    from bigmodel.parallel import collectives, shm
+
+    own = {"result": "mapped"}
+    real_map = shm._map
+
+    def recording_map(path: Path, size: int, create: bool) -> Any:
+        try:
+            return real_map(path, size, create)
+        except OSError as err:
+            if create:
+                own["result"] = errno.errorcode.get(err.errno, str(err))
+            raise
+
+    defaults = shm.SHM_DIR, shm.SLOT_BYTES, collectives.SMALL_ALL_REDUCE_BYTES, collectives.SMALL_ALL_GATHER_BYTES
+    shm.SHM_DIR, shm.SLOT_BYTES, shm._map = Path(folder), FULL_SHM_SLOT_BYTES, recording_map
+    collectives.SMALL_ALL_REDUCE_BYTES = collectives.SMALL_ALL_GATHER_BYTES = 0  # 4-16 KB buffers: try the tmpfs
+    try:
+        result = compare_collectives(dist.new_group(list(range(WORLD))), seed=dist.get_rank())
+    finally:
+        shm.SHM_DIR, shm.SLOT_BYTES, collectives.SMALL_ALL_REDUCE_BYTES, collectives.SMALL_ALL_GATHER_BYTES = defaults
+        shm._map = real_map
+    dist.barrier()  # every rank has removed its own file
+    return {
+        "own_segment": own["result"],
+        "shared": result["shared"],
+        "gather_bitwise": result["gather_bitwise"],
+        "left_behind": os.listdir(folder),
+    }
+
+
 def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, dict[str, int]], int, int]:
     """The collectives, by kind, of one native ZeRO-3 training step of the tiny model over every rank (all of them,
     as CollectiveCounter counts them, and those of bigmodel.parallel.collectives alone), the number of modules that
@@ -273,6 +341,7 @@ def worker_main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--full-shm", help="a tmpfs with room for two ranks' segments (the fixture mounts it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out_dir = str(Path(args.out).parent)
@@ -286,6 +355,8 @@ def worker_main() -> None:
         "keep_gathered_step_calls": keep_calls,
         "block_stacks": stacks,
     }
+    if args.full_shm:
+        mine["full_shm"] = full_shm(args.full_shm)
     per_rank = [None] * WORLD
     dist.all_gather_object(per_rank, mine)
     if rank == 0:
