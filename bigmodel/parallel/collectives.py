@@ -80,7 +80,7 @@ def _host_segments(group: dist.ProcessGroup) -> shm.HostSegments | None:
     if not shm.enabled():
         return None
     if group not in _segments:
-        _segments[group] = shm.HostSegments.create(group, shm.SLOT_BYTES)
+        _segments[group] = shm.HostSegments.create(group)
     return _segments[group]
 
 

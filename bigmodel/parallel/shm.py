@@ -56,8 +56,10 @@ class HostSegments:
         self._flag = torch.zeros(1)
 
     @classmethod
-    def create(cls, group: dist.ProcessGroup, slot_bytes: int = SLOT_BYTES) -> HostSegments | None:
-        """Map every rank's segment, or None on every rank if some rank cannot. Collective over `group`."""
+    def create(cls, group: dist.ProcessGroup, slot_bytes: int | None = None) -> HostSegments | None:
+        """Map every rank's segment (two slots of `slot_bytes`, SLOT_BYTES as it is now by default), or None on every
+        rank if some rank cannot. Collective over `group`."""
+        slot_bytes = SLOT_BYTES if slot_bytes is None else slot_bytes
         rank, world = group.rank(), group.size()
         mark = uuid.uuid4().bytes
         own = SHM_DIR / f"bigmodel-{uuid.uuid4().hex}-{rank}"
