@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
@@ -104,6 +105,7 @@ class QuickGeluMLP(torch.autograd.Function):
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
+    @once_differentiable  # its backward is not itself differentiable: a second derivative raises, not a wrong value
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, w1, w2, z, a = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad

@@ -111,3 +111,11 @@ def test_hooked_compiled_or_other_activations_go_through_the_modules() -> None:
     assert "SigmoidBackward0" in backward_nodes(torch.compile(mlp, backend="eager")(x))
     gelu, _ = make_mlp("gelu")
     assert not fused(gelu(x))
+
+
+def test_second_derivatives_are_refused_not_wrong() -> None:
+    mlp, x = make_mlp()
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
