@@ -46,6 +46,60 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def plain_linears(*linears: nn.Linear) -> bool:
+    """Whether these linear layers may be run by an autograd function of this module without calling them: plain
+    tensor weights (not the DTensors tensor parallelism makes them), no hooks (tensor parallelism's input and output
+    redistribution, DeepSpeed ZeRO-3's parameter gathering, or a user's), and not inside compiled code (inductor fuses
+    the modules' elementwise work itself)."""
+    plain = all(type(p) in (torch.Tensor, nn.Parameter) for m in linears for p in (m.weight, m.bias))
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in linears)
+    return plain and not hooked and not torch.compiler.is_compiling()
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` in the autocast dtype where autocast is on for their device (as a linear layer would take them),
+    else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+class SelfAttentionProjections(torch.autograd.Function):
+    """q_proj(x), k_proj(x), v_proj(x) for x (..., D) and three (D, D) linear layers.
+
+    Under autocast, x is cast once: through the modules autocast casts it for each projection and keeps each copy
+    for backward. The gradient of x is one sum accumulated in the matmuls (addmm_), not three matmuls and two adds.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, *weights_and_biases: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, *params = _autocast(x, *weights_and_biases)
+        rows = x.reshape(-1, x.shape[-1])  # (N, D)
+        weights, biases = params[0::2], params[1::2]
+        ctx.save_for_backward(rows, *weights)
+        ctx.input_shape = x.shape
+        return tuple(torch.addmm(b, rows, w.t()).view(*x.shape[:-1], -1) for w, b in zip(weights, biases, strict=True))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, *weights = ctx.saved_tensors
+        need_x, *need = ctx.needs_input_grad
+        grads = [g.reshape(-1, g.shape[-1]).to(rows.dtype) for g in grads]  # (N, D) each
+        dx = None
+        if need_x:
+            dx = grads[0].mm(weights[0])
+            for g, w in zip(grads[1:], weights[1:], strict=True):
+                dx.addmm_(g, w)
+            dx = dx.view(ctx.input_shape)
+        out: list[torch.Tensor | None] = [dx]
+        for i, g in enumerate(grads):
+            out += [g.t().mm(rows) if need[2 * i] else None, g.sum(0) if need[2 * i + 1] else None]
+        return tuple(out)
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, else cross-attention to `context`."""
 
@@ -64,9 +118,14 @@ class Attention(nn.Module):
         source = x if context is None else context
         b, t, _ = x.shape
         s = source.shape[1]
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(source).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
-        v = self.v_proj(source).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if context is None and plain_linears(*projections):
+            q, k, v = SelfAttentionProjections.apply(x, *(p for m in projections for p in (m.weight, m.bias)))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         y = attention(q, k, v, mask)  # (B, nh, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
 
@@ -92,10 +151,7 @@ class QuickGeluMLP(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     ) -> torch.Tensor:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+        x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
         rows = x.reshape(-1, x.shape[-1])  # (N, D)
         z = torch.addmm(b1, rows, w1.t(), beta=QUICK_GELU_SCALE, alpha=QUICK_GELU_SCALE)  # 1.702 fc1(x), (N, F)
         a = F.silu(z)
@@ -132,18 +188,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "quick_gelu" and self._plain_linears() and not torch.compiler.is_compiling():
+        if self.activation == "quick_gelu" and plain_linears(self.fc1, self.fc2):
             return QuickGeluMLP.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
-
-    def _plain_linears(self) -> bool:
-        """Whether fc1 and fc2 are plain linear layers that QuickGeluMLP may run without calling them: plain tensor
-        weights (not the DTensors tensor parallelism makes them) and no hooks (tensor parallelism's input and
-        output redistribution, or a user's). Compiled code takes the modules' path: inductor fuses it itself."""
-        linears = (self.fc1, self.fc2)
-        plain = all(type(p) in (torch.Tensor, nn.Parameter) for m in linears for p in (m.weight, m.bias))
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in linears)
-        return plain and not hooked
 
 
 class Block(nn.Module):

@@ -322,15 +322,17 @@ def block_activation_bytes(
     Per token of width D (MLP width F, h heads), fp32: the block input and the residual after attention (4D each,
     fp32 also under autocast), both norms' outputs (4D each), q, k and v (12D), the attention output regrouped for
     out_proj (4D), the MLP's hidden before and after the activation (8F), the attention's log-sum-exp (4h) and the
-    norms' statistics (16). Under bf16 autocast every matmul saves its own bf16 copy of its input, so the first
-    norm's output is saved three times (q, k, v: 6D), the rest halves, and the matmul weights' bf16 copies are
-    saved too (counted in `weight_cast_bytes`). Tensor parallelism splits the per-head and MLP-hidden parts;
-    sequence parallelism also the fp32 residuals.
+    norms' statistics (16). Under bf16 autocast every matmul saves a bf16 copy of its input: the first norm's output
+    once for q, k and v together (`SelfAttentionProjections`), or three times (6D) under tensor parallelism, where
+    the projections run as modules and autocast casts it for each; the rest halves, and the matmul weights' bf16
+    copies are saved too (counted in `weight_cast_bytes`). Tensor parallelism splits the per-head and MLP-hidden
+    parts; sequence parallelism also the fp32 residuals.
     """
     tokens, d, f, h, context = _stack_geometry(cfg, shapes, stack)
     residual = 4 * d / (tp if sp else 1)
     if bf16:
-        norms_out, split = 6 * d + 2 * d, (6 * d + 2 * d + 4 * f) / tp
+        first_norm_casts = 2 * d if tp == 1 else 6 * d
+        norms_out, split = first_norm_casts + 2 * d, (6 * d + 2 * d + 4 * f) / tp
     else:
         norms_out, split = 8 * d, (12 * d + 4 * d + 8 * f) / tp
     per_token = 2 * residual + norms_out + split + 4 * h / tp + 16

@@ -1,0 +1,232 @@
+"""The autograd functions bigmodel.models.layers runs plain layers through, against autograd through the modules
+with the same weights: QuickGeluMLP (quick_gelu blocks' MLP: fc2(h * sigmoid(1.702 h)) with h = fc1(x)) and
+SelfAttentionProjections (q, k and v of a self-attention)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bigmodel.models.layers as layers
+from bigmodel.models.layers import MLP, Attention, quick_gelu
+
+
+def make_mlp(activation: str = "quick_gelu", seed: int = 0) -> tuple[MLP, torch.Tensor]:
+    """A small MLP with weights of the size a trained layer has (std 0.5, so the activation's curved part is used)
+    and an input of 3 x 10 tokens of width 32."""
+    torch.manual_seed(seed)
+    mlp = MLP(32, 128, activation)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.5)
+    return mlp, torch.randn(3, 10, 32)
+
+
+def run(mlp: MLP, x: torch.Tensor, modules: bool, bf16: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and gradients (input's, then each parameter's; None where not requested) of a squared-sum loss;
+    `modules`: through fc1, quick_gelu and fc2 as plain autograd, else through MLP.forward."""
+    mlp.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = mlp.fc2(quick_gelu(mlp.fc1(x))) if modules else mlp(x)
+    out.float().square().sum().backward()
+    return out, [x.grad, *(p.grad for p in mlp.parameters())]
+
+
+def backward_nodes(out: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes `out` was computed through."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [next_node for next_node, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
+
+
+def fused(out: torch.Tensor) -> bool:
+    return "QuickGeluMLPBackward" in backward_nodes(out)
+
+
+def assert_fp32_close(got: torch.Tensor, want: torch.Tensor, scale: float | None = None) -> None:
+    """Within 4e-6 of `scale` (default: the largest magnitude in `want`; ~32 fp32 ulp). The fused MLP computes
+    silu(1.702 h) / 1.702 with the scales inside the matmuls, which rounds differently from h * sigmoid(1.702 h), and
+    the fused projections sum the input's gradient in another order: measured <= 5.5e-7 of the largest value
+    (outputs up to ~40, gradients up to ~2000 with these weights), and each path is as far from an fp64 run. A wrong
+    scale or a missing term moves results by 1e-2 relative or more."""
+    error, scale = (got - want).abs().max().item(), scale or want.abs().max().item()
+    assert error <= 4e-6 * scale, (error, scale)
+
+
+def test_fused_mlp_matches_autograd_in_fp32() -> None:
+    mlp, x = make_mlp()
+    x.requires_grad_()
+    out, grads = run(mlp, x, modules=False)
+    want, want_grads = run(mlp, x, modules=True)
+    exact, exact_grads = run(copy.deepcopy(mlp).double(), x.double(), modules=True)
+    assert fused(out) and not fused(want)
+    for got, expected, fp64 in zip([out, *grads], [want, *want_grads], [exact, *exact_grads], strict=True):
+        assert_fp32_close(got, expected)
+        assert_fp32_close(got.double(), fp64)
+
+
+def test_fused_mlp_in_bf16_is_as_close_to_fp32_as_autocast() -> None:
+    mlp, x = make_mlp()
+    x.requires_grad_()
+    out, grads = run(mlp, x, modules=False, bf16=True)
+    plain, plain_grads = run(mlp, x, modules=True, bf16=True)
+    want, want_grads = run(mlp, x, modules=True)
+    assert fused(out) and out.dtype == plain.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads[1:])  # the parameters' own dtype, as autocast leaves them
+    for got, by_autocast, expected in zip([out, *grads], [plain, *plain_grads], [want, *want_grads], strict=True):
+        error, autocast_error = ((t.float() - expected).norm() / expected.norm() for t in (got, by_autocast))
+        # bf16 rounds at 2^-9 relative per value; both land 2e-3 to 6e-3 (relative norm) from fp32 here. The fused
+        # path may be at most 1.5x further off than autocast through the modules, and never past 2e-2.
+        assert error <= 1.5 * autocast_error and error <= 2e-2, (error, autocast_error)
+
+
+@pytest.mark.parametrize("frozen", ["fc1", "fc2", "weights"])
+def test_fused_mlp_computes_only_requested_gradients(frozen: str) -> None:
+    mlp, x = make_mlp()
+    x.requires_grad_(frozen == "weights")  # a frozen backbone still passes gradients to what feeds it
+    for name, p in mlp.named_parameters():
+        p.requires_grad_(frozen not in (name.split(".")[0], "weights"))
+    out, grads = run(mlp, x, modules=False)
+    _, want_grads = run(mlp, x, modules=True)
+    assert fused(out)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert_fp32_close(got, expected)
+
+
+def test_hooked_compiled_or_other_activations_go_through_the_modules() -> None:
+    mlp, x = make_mlp()
+    calls = []
+    handle = mlp.fc1.register_forward_hook(lambda *_: calls.append("fc1"))
+    assert not fused(mlp(x.requires_grad_())) and calls == ["fc1"]  # tensor parallelism's hooks must run
+    handle.remove()
+    assert fused(mlp(x))
+    # Compiled code takes the modules' path (inductor fuses it): dynamo's eager backend runs the traced ops as they
+    # are, so the graph shows which path was traced.
+    assert "SigmoidBackward0" in backward_nodes(torch.compile(mlp, backend="eager")(x))
+    gelu, _ = make_mlp("gelu")
+    assert not fused(gelu(x))
+
+
+def test_second_derivatives_are_refused_not_wrong() -> None:
+    mlp, x = make_mlp()
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def make_attention(seed: int = 0) -> tuple[Attention, torch.Tensor]:
+    """Self-attention of width 32 with 4 heads (weights std 0.3) and an input of 3 x 10 tokens."""
+    torch.manual_seed(seed)
+    attention = Attention(32, 4)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.normal_(0, 0.3)
+    return attention, torch.randn(3, 10, 32)
+
+
+def run_attention(
+    attention: Attention, x: torch.Tensor, modules: bool, bf16: bool = False, context: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Like run, for Attention.forward; `modules`: with the projections run as modules (plain_linears says no)."""
+    attention.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    with pytest.MonkeyPatch.context() as patch:
+        if modules:
+            patch.setattr(layers, "plain_linears", lambda *linears: False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = attention(x, context=context)
+    out.float().square().sum().backward()
+    return out, [x.grad, *(p.grad for p in attention.parameters())]
+
+
+class OnInput(torch.nn.Module):
+    """`module` called on a batch's "x", as saved_activation_bytes calls a model on a batch. The input is made a
+    computed tensor, as a norm's output is: autocast casts a leaf once and reuses the cast."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(batch["x"] * 1.0)
+
+
+def test_fused_projections_match_autograd_in_fp32() -> None:
+    attention, x = make_attention()
+    x.requires_grad_()
+    out, grads = run_attention(attention, x, modules=False)
+    want, want_grads = run_attention(attention, x, modules=True)
+    exact, exact_grads = run_attention(copy.deepcopy(attention).double(), x.double(), modules=True)
+    assert "SelfAttentionProjectionsBackward" in backward_nodes(out)
+    assert "SelfAttentionProjectionsBackward" not in backward_nodes(want)
+    # Gradients against the largest of them: k_proj's bias gets zero in exact arithmetic (softmax ignores a shift
+    # shared by every key), so its own scale is rounding noise.
+    scale = max(g.abs().max().item() for g in want_grads)
+    assert_fp32_close(out, want)
+    assert_fp32_close(out.double(), exact)
+    for got, expected, fp64 in zip(grads, want_grads, exact_grads, strict=True):
+        assert_fp32_close(got, expected, scale)  # the input's gradient is summed in another order: a few ulp
+        assert_fp32_close(got.double(), fp64, scale)
+
+
+def test_fused_projections_in_bf16_cast_once_and_are_as_close_to_fp32_as_autocast() -> None:
+    from bigmodel.bench.activations import saved_activation_bytes
+
+    attention, x = make_attention()
+    x.requires_grad_()
+    out, grads = run_attention(attention, x, modules=False, bf16=True)
+    plain, plain_grads = run_attention(attention, x, modules=True, bf16=True)
+    want, want_grads = run_attention(attention, x, modules=True)
+    assert all(g.dtype == torch.float32 for g in grads)
+    flat = [torch.cat([g.flatten() for g in gs]) for gs in (grads, plain_grads, want_grads)]
+    for got, by_autocast, expected in ((out, plain, want), tuple(flat)):
+        error, autocast_error = ((t.float() - expected).norm() / expected.norm() for t in (got, by_autocast))
+        # As for the MLP: bf16 lands 2e-3 to 6e-3 from fp32 (all gradients together: k_proj's bias gradient is zero in
+        # exact arithmetic); at most 1.5x autocast's error through the modules.
+        assert error <= 1.5 * autocast_error and error <= 2e-2, (error, autocast_error)
+
+    def saved(modules: bool) -> int:
+        with pytest.MonkeyPatch.context() as patch:
+            if modules:
+                patch.setattr(layers, "plain_linears", lambda *linears: False)
+            return saved_activation_bytes(OnInput(attention), {"x": x}, bf16=True)
+
+    # Through the modules autocast keeps a bf16 copy of x for each of q, k and v: two more (N, D) bf16 tensors.
+    assert saved(modules=True) - saved(modules=False) == 2 * x.numel() * 2
+
+
+@pytest.mark.parametrize("frozen", ["q_proj", "v_proj", "weights"])
+def test_fused_projections_compute_only_requested_gradients(frozen: str) -> None:
+    attention, x = make_attention()
+    x.requires_grad_(frozen == "weights")
+    for name, p in attention.named_parameters():
+        p.requires_grad_(frozen not in (name.split(".")[0], "weights"))
+    out, grads = run_attention(attention, x, modules=False)
+    _, want_grads = run_attention(attention, x, modules=True)
+    assert "SelfAttentionProjectionsBackward" in backward_nodes(out)
+    scale = max(g.abs().max().item() for g in want_grads if g is not None)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert_fp32_close(got, expected, scale)  # as in the fp32 test
+
+
+def test_cross_attention_and_hooked_projections_go_through_the_modules() -> None:
+    attention, x = make_attention()
+    x.requires_grad_()
+    context = torch.randn(3, 7, 32)
+    out, _ = run_attention(attention, x, modules=False, context=context)
+    assert "SelfAttentionProjectionsBackward" not in backward_nodes(out)  # k and v read another input
+    calls = []
+    attention.k_proj.register_forward_hook(lambda *_: calls.append("k_proj"))
+    assert "SelfAttentionProjectionsBackward" not in backward_nodes(attention(x)) and calls == ["k_proj"]
