@@ -184,11 +184,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-        self.activation = activation
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "quick_gelu" and plain_linears(self.fc1, self.fc2):
+        if self.act is quick_gelu and plain_linears(self.fc1, self.fc2):
             return QuickGeluMLP.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 

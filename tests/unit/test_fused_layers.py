@@ -4,13 +4,15 @@ SelfAttentionProjections (q, k and v of a self-attention)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 import bigmodel.models.layers as layers
-from bigmodel.models.layers import MLP, Attention, quick_gelu
+from bigmodel.models.layers import MLP, Attention
 
 
 def make_mlp(activation: str = "quick_gelu", seed: int = 0) -> tuple[MLP, torch.Tensor]:
@@ -24,15 +26,28 @@ def make_mlp(activation: str = "quick_gelu", seed: int = 0) -> tuple[MLP, torch.
     return mlp, torch.randn(3, 10, 32)
 
 
-def run(mlp: MLP, x: torch.Tensor, modules: bool, bf16: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Output and gradients (input's, then each parameter's; None where not requested) of a squared-sum loss;
-    `modules`: through fc1, quick_gelu and fc2 as plain autograd, else through MLP.forward."""
-    mlp.zero_grad(set_to_none=True)
+@contextlib.contextmanager
+def through_modules(enabled: bool) -> Iterator[None]:
+    """Within the block, if `enabled`, every layer runs its modules as written: plain_linears says no, as it does to
+    tensor-parallel or hooked layers."""
+    with pytest.MonkeyPatch.context() as patch:
+        if enabled:
+            patch.setattr(layers, "plain_linears", lambda *linears: False)
+        yield
+
+
+def run(
+    module: torch.nn.Module, x: torch.Tensor, modules: bool, bf16: bool = False, **kwargs: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and gradients (input's, then each parameter's; None where not requested) of a squared-sum loss of
+    `module(x, **kwargs)`; `modules`: through the modules as plain autograd (for the MLP: fc1, quick_gelu, fc2), else
+    through the fused functions where they apply."""
+    module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(x.requires_grad)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = mlp.fc2(quick_gelu(mlp.fc1(x))) if modules else mlp(x)
+    with through_modules(modules), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = module(x, **kwargs)
     out.float().square().sum().backward()
-    return out, [x.grad, *(p.grad for p in mlp.parameters())]
+    return out, [x.grad, *(p.grad for p in module.parameters())]
 
 
 def backward_nodes(out: torch.Tensor) -> set[str]:
@@ -134,21 +149,6 @@ def make_attention(seed: int = 0) -> tuple[Attention, torch.Tensor]:
     return attention, torch.randn(3, 10, 32)
 
 
-def run_attention(
-    attention: Attention, x: torch.Tensor, modules: bool, bf16: bool = False, context: torch.Tensor | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Like run, for Attention.forward; `modules`: with the projections run as modules (plain_linears says no)."""
-    attention.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(x.requires_grad)
-    with pytest.MonkeyPatch.context() as patch:
-        if modules:
-            patch.setattr(layers, "plain_linears", lambda *linears: False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = attention(x, context=context)
-    out.float().square().sum().backward()
-    return out, [x.grad, *(p.grad for p in attention.parameters())]
-
-
 class OnInput(torch.nn.Module):
     """`module` called on a batch's "x", as saved_activation_bytes calls a model on a batch. The input is made a
     computed tensor, as a norm's output is: autocast casts a leaf once and reuses the cast."""
@@ -164,9 +164,9 @@ class OnInput(torch.nn.Module):
 def test_fused_projections_match_autograd_in_fp32() -> None:
     attention, x = make_attention()
     x.requires_grad_()
-    out, grads = run_attention(attention, x, modules=False)
-    want, want_grads = run_attention(attention, x, modules=True)
-    exact, exact_grads = run_attention(copy.deepcopy(attention).double(), x.double(), modules=True)
+    out, grads = run(attention, x, modules=False)
+    want, want_grads = run(attention, x, modules=True)
+    exact, exact_grads = run(copy.deepcopy(attention).double(), x.double(), modules=True)
     assert "SelfAttentionProjectionsBackward" in backward_nodes(out)
     assert "SelfAttentionProjectionsBackward" not in backward_nodes(want)
     # Gradients against the largest of them: k_proj's bias gets zero in exact arithmetic (softmax ignores a shift
@@ -184,9 +184,9 @@ def test_fused_projections_in_bf16_cast_once_and_are_as_close_to_fp32_as_autocas
 
     attention, x = make_attention()
     x.requires_grad_()
-    out, grads = run_attention(attention, x, modules=False, bf16=True)
-    plain, plain_grads = run_attention(attention, x, modules=True, bf16=True)
-    want, want_grads = run_attention(attention, x, modules=True)
+    out, grads = run(attention, x, modules=False, bf16=True)
+    plain, plain_grads = run(attention, x, modules=True, bf16=True)
+    want, want_grads = run(attention, x, modules=True)
     assert all(g.dtype == torch.float32 for g in grads)
     flat = [torch.cat([g.flatten() for g in gs]) for gs in (grads, plain_grads, want_grads)]
     for got, by_autocast, expected in ((out, plain, want), tuple(flat)):
@@ -196,9 +196,7 @@ def test_fused_projections_in_bf16_cast_once_and_are_as_close_to_fp32_as_autocas
         assert error <= 1.5 * autocast_error and error <= 2e-2, (error, autocast_error)
 
     def saved(modules: bool) -> int:
-        with pytest.MonkeyPatch.context() as patch:
-            if modules:
-                patch.setattr(layers, "plain_linears", lambda *linears: False)
+        with through_modules(modules):
             return saved_activation_bytes(OnInput(attention), {"x": x}, bf16=True)
 
     # Through the modules autocast keeps a bf16 copy of x for each of q, k and v: two more (N, D) bf16 tensors.
@@ -211,8 +209,8 @@ def test_fused_projections_compute_only_requested_gradients(frozen: str) -> None
     x.requires_grad_(frozen == "weights")
     for name, p in attention.named_parameters():
         p.requires_grad_(frozen not in (name.split(".")[0], "weights"))
-    out, grads = run_attention(attention, x, modules=False)
-    _, want_grads = run_attention(attention, x, modules=True)
+    out, grads = run(attention, x, modules=False)
+    _, want_grads = run(attention, x, modules=True)
     assert "SelfAttentionProjectionsBackward" in backward_nodes(out)
     scale = max(g.abs().max().item() for g in want_grads if g is not None)
     for got, expected in zip(grads, want_grads, strict=True):
@@ -225,7 +223,7 @@ def test_cross_attention_and_hooked_projections_go_through_the_modules() -> None
     attention, x = make_attention()
     x.requires_grad_()
     context = torch.randn(3, 7, 32)
-    out, _ = run_attention(attention, x, modules=False, context=context)
+    out, _ = run(attention, x, modules=False, context=context)
     assert "SelfAttentionProjectionsBackward" not in backward_nodes(out)  # k and v read another input
     calls = []
     attention.k_proj.register_forward_hook(lambda *_: calls.append("k_proj"))
