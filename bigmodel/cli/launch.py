@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -103,4 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(printable(cmd, env))
         return 0
+    over_ssh = launcher == "deepspeed" and args.hostfile and args.nnodes > 1 and args.node_rank is None
+    if over_ssh and not shutil.which("pdsh"):
+        raise ValueError(
+            "the deepspeed launcher starts the other hosts with pdsh, which is not installed here: install it "
+            "(apt-get install pdsh), or run the command on every node with --node-rank R --rdzv-endpoint HOST:PORT"
+        )
     return subprocess.run(cmd, env={**os.environ, **env}).returncode

@@ -19,18 +19,8 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
-install_packages() {
-    local missing=()
-    for bin in slurmctld slurmd sbatch munged; do
-        command -v "$bin" >/dev/null || PATH=$PATH:/usr/sbin command -v "$bin" >/dev/null || missing+=("$bin")
-    done
-    [ ${#missing[@]} -eq 0 ] && return
-    [ "$(id -u)" -eq 0 ] || die "${missing[*]} not installed; as root: apt-get install ${PACKAGES[*]}"
-    command -v apt-get >/dev/null || die "${missing[*]} not installed and no apt-get; install Slurm and munge"
-    echo "local_cluster: installing ${PACKAGES[*]}" >&2
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-}
+# shellcheck source=launch/packages.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../packages.sh"
 
 start_munge() {
     if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -105,7 +95,7 @@ up() {
         echo "local_cluster: already up ($CONF)" >&2
         return
     fi
-    install_packages
+    install_packages "slurmctld slurmd sbatch munged" "${PACKAGES[@]}"
     export PATH=$PATH:/usr/sbin
     mkdir -p "$DIR"
     start_munge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,10 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 COMMON = ["--train.steps=6", "--log.every=1", "--log.progress=false", "--log.wandb=disabled"]
 
 
-def bigmodel(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bigmodel.cli.main", *args], cwd=ROOT, capture_output=True, text=True)
+def bigmodel(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bigmodel.cli.main", *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
 
 
 def build_model_params():
@@ -213,6 +216,28 @@ def test_dry_run_deepspeed_launcher(tmp_path):
     refused = bigmodel("launch", "--launcher", "deepspeed", "--max-restarts", "1", "--nproc", "1", "--config", TINY)
     assert refused.returncode == 2
     assert "error: --max-restarts needs --launcher torchrun" in refused.stderr
+
+
+def test_deepspeed_launcher_without_pdsh_says_how_to_start_the_hosts(tmp_path):
+    # Several hosts in the hostfile and no --node-rank: the launcher would start them with pdsh, which is missing
+    # from this PATH (the interpreter's folder only): one line naming it and the two ways out, nothing started.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
+    args = ["launch", "--launcher", "deepspeed", "--hostfile", str(hostfile), "--nnodes", "2", "--nproc", "2"]
+    result = bigmodel(
+        *args,
+        "--config",
+        TINY,
+        "--parallel.dp_replicate=4",
+        f"--train.out_dir={tmp_path / 'run'}",
+        env={**os.environ, "PATH": str(Path(sys.executable).parent)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the deepspeed launcher starts the other hosts with pdsh, which is not installed here: install it "
+        "(apt-get install pdsh), or run the command on every node with --node-rank R --rdzv-endpoint HOST:PORT"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

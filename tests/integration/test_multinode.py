@@ -1,10 +1,13 @@
-"""Two "nodes" on loopback: two `bigmodel launch --nnodes 2` commands (2 processes each) meeting at a c10d rendezvous
-on 127.0.0.1 train exactly what one 4-process `bigmodel launch` trains."""
+"""Two "nodes" on this machine train exactly what one 4-process `bigmodel launch` trains:
+- two `bigmodel launch --nnodes 2` commands (2 processes each) meeting at a c10d rendezvous on 127.0.0.1;
+- one `bigmodel launch --launcher deepspeed --hostfile` command, whose launcher starts both nodes over ssh with pdsh,
+  as on a cluster (the hosts are emulated by launch/ssh_hosts.sh: an sshd on a loopback port)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
+SSH_HOSTS = ROOT / "launch" / "ssh_hosts.sh"
 RUN = [
     "--parallel.dp_shard=2",
     "--parallel.dp_replicate=2",
@@ -33,9 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: str) -> subprocess.Popen:
+def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bigmodel.cli.main", "launch", "--config", TINY, *RUN, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -54,8 +58,17 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory) -> list[float]:
+    """The losses of the reference: one node, 4 processes, the same layout."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    finish(launch("--nproc", "4", f"--train.out_dir={run_dir}"))
+    assert len(losses(run_dir)) == 5
+    return losses(run_dir)
+
+
 @pytest.mark.slow
-def test_two_nodes_over_loopback_match_one_node(tmp_path):
+def test_two_nodes_over_loopback_match_one_node(tmp_path, one_node):
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         launch(
@@ -73,9 +86,48 @@ def test_two_nodes_over_loopback_match_one_node(tmp_path):
     ]
     outputs = [finish(node) for node in nodes]
     assert sum(out.count("run directory:") for out, _ in outputs) == 1, "one process in the job prints the summary"
-
-    finish(launch("--nproc", "4", f"--train.out_dir={tmp_path / 'one'}"))
     # The same 4 ranks, layout, seed and batches; the rendezvous only decides which agent hosts which ranks, and
     # every rank runs the same collectives in the same order: identical losses (measured: bit for bit).
-    assert losses(tmp_path / "two") == losses(tmp_path / "one")
-    assert len(losses(tmp_path / "one")) == 5
+    assert losses(tmp_path / "two") == one_node
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory):
+    """Hosts node0 and node1, both this machine behind an sshd on a loopback port; yields the environment whose PATH
+    has the ssh that reaches them, and the hostfile listing them."""
+    installed = shutil.which("pdsh") and shutil.which("sshd", path=f"{os.environ['PATH']}:/usr/sbin")
+    if not installed and os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the ssh launch test needs openssh-server and pdsh, or root to install them")
+        pytest.skip("openssh-server and pdsh are not installed (launch/ssh_hosts.sh up installs them as root)")
+    state = tmp_path_factory.mktemp("ssh")
+    env = {**os.environ, "BIGMODEL_SSH_DIR": str(state / "hosts"), "BIGMODEL_SSH_PORT": str(free_port())}
+    up = subprocess.run([str(SSH_HOSTS), "up", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, f"emulated ssh hosts did not start:\n{up.stdout}\n{up.stderr}"
+    yield {**env, "PATH": f"{state / 'hosts' / 'bin'}:{env['PATH']}"}, state / "hosts" / "hostfile"
+    subprocess.run([str(SSH_HOSTS), "down"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_hosts):
+    # What a multi-node deepspeed launch does on a cluster: this command runs on the first host only; the launcher
+    # reaches both hosts over ssh (pdsh), and each starts its 2 workers with its node rank (pdsh's %n).
+    env, hostfile = ssh_hosts
+    node = launch(
+        "--launcher",
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--nnodes",
+        "2",
+        "--nproc",
+        "2",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        f"--train.out_dir={tmp_path / 'ssh'}",
+        env=env,
+    )
+    log = "\n".join(finish(node))
+    assert "cmd = pdsh -S" in log and "-w node0,node1" in log, "the launcher started the hosts over pdsh"
+    assert "node0: " in log and "node1: " in log, "both hosts ran workers"
+    assert losses(tmp_path / "ssh") == one_node
