@@ -315,7 +315,7 @@ def _stack_geometry(cfg: ModelConfig, shapes: Shapes, stack: str) -> tuple[int, 
 
 
 def block_activation_bytes(
-    cfg: ModelConfig, shapes: Shapes, stack: str, bf16: bool, tp: int = 1, sp: bool = False
+    cfg: ModelConfig, shapes: Shapes, stack: str, bf16: bool, tp: int = 1, sp: bool = False, fused: bool = True
 ) -> float:
     """Bytes one block of `stack` saves for backward per sample, on one tensor-parallel rank.
 
@@ -323,22 +323,27 @@ def block_activation_bytes(
     fp32 also under autocast), both norms' outputs (4D each), q, k and v (12D), the attention output regrouped for
     out_proj (4D), the MLP's hidden before and after the activation (8F), the attention's log-sum-exp (4h) and the
     norms' statistics (16). Under bf16 autocast every matmul saves a bf16 copy of its input: the first norm's output
-    once for q, k and v together (`SelfAttentionProjections`), or three times (6D) under tensor parallelism, where
-    the projections run as modules and autocast casts it for each; the rest halves, and the matmul weights' bf16
-    copies are saved too (counted in `weight_cast_bytes`). Tensor parallelism splits the per-head and MLP-hidden
-    parts; sequence parallelism also the fp32 residuals.
+    once for q, k and v together (`SelfAttentionProjections`); the rest halves, and the matmul weights' bf16 copies
+    are saved too (counted in `weight_cast_bytes`). Tensor parallelism splits the per-head and MLP-hidden parts;
+    sequence parallelism also the fp32 residuals.
+
+    `fused`: whether the blocks run their fused functions (`plain_linears`: one process, DP, ZeRO, FSDP2, pipeline
+    stages). Where the linear layers run as modules (tensor parallelism, DeepSpeed ZeRO-3's gathering hooks), bf16
+    autocast casts the first norm's output once per projection (6D), and quick_gelu's three autograd kernels save
+    the hidden a third time (its sigmoid).
     """
     tokens, d, f, h, context = _stack_geometry(cfg, shapes, stack)
     residual = 4 * d / (tp if sp else 1)
+    e = 2 if bf16 else 4
+    hidden = 2 * e * f if fused or cfg.activation != "quick_gelu" else 3 * e * f
     if bf16:
-        first_norm_casts = 2 * d if tp == 1 else 6 * d
-        norms_out, split = first_norm_casts + 2 * d, (6 * d + 2 * d + 4 * f) / tp
+        first_norm_casts = 2 * d if fused else 6 * d
+        norms_out, split = first_norm_casts + 2 * d, (6 * d + 2 * d + hidden) / tp
     else:
-        norms_out, split = 8 * d, (12 * d + 4 * d + 8 * f) / tp
+        norms_out, split = 8 * d, (12 * d + 4 * d + hidden) / tp
     per_token = 2 * residual + norms_out + split + 4 * h / tp + 16
     total = tokens * per_token
     if context:  # a cross-attention block: another residual, norm, q and output per text token; k, v per image token
-        e = 2 if bf16 else 4
         total += tokens * (residual + e * d + 2 * e * d / tp + 4 * h / tp + 8)
         # bf16: k and v plus the two casts of the context; fp32: k and v (the shared context is counted per stack).
         total += shapes.rows * context * ((4 * d + 4 * d / tp) if bf16 else 8 * d / tp)
@@ -389,11 +394,16 @@ def activation_bytes(
     tp: int = 1,
     sp: bool = False,
     checkpointing: bool = False,
+    fused: bool | None = None,
 ) -> float:
     """Peak bytes of activations one rank holds: `in_flight` microbatches of `microbatch` samples saved through
-    `stage`, plus (with activation checkpointing, which keeps only each block's input) one block recomputed."""
+    `stage`, plus (with activation checkpointing, which keeps only each block's input) one block recomputed.
+    `fused` (default: without tensor parallelism): see `block_activation_bytes`."""
     shapes = Shapes.of(cfg, objectives)
-    per_block = {s: block_activation_bytes(cfg.model, shapes, s, bf16, tp, sp) for s in ("vision", "text", "fusion")}
+    fused = tp == 1 if fused is None else fused
+    per_block = {
+        s: block_activation_bytes(cfg.model, shapes, s, bf16, tp, sp, fused) for s in ("vision", "text", "fusion")
+    }
     cast = weight_cast_bytes(cfg.model, stage, tp) if bf16 else 0.0
     if checkpointing:
         blocks = sum(4 * _stack_geometry(cfg.model, shapes, s)[0] * _width(cfg.model, s) for s, _ in stage.blocks)
@@ -532,13 +542,15 @@ def estimate(
     bf16 = cfg.train.precision == "bf16"
     microbatch = cfg.train.global_batch_size // (layout.dp * layout.microbatches)
     plan = stages(cfg, objectives, layout.pp)
+    # The fused block functions need plain linear layers: not tensor-parallel ones, nor DeepSpeed ZeRO-3's hooked ones.
+    fused = layout.tp == 1 and not (cfg.engine == "deepspeed" and layout.zero_stage == 3)
     worst: dict[str, float] = {}
     for index, stage in enumerate(plan):
         state = model_state_bytes(table, stage, layout)
         memory = state | {
             "activations": activation_bytes(
                 cfg, objectives, stage, microbatch, in_flight(index, layout.pp, layout.microbatches), bf16,
-                layout.tp, layout.sp, layout.activation_checkpointing,
+                layout.tp, layout.sp, layout.activation_checkpointing, fused,
             ),
             "buffers": buffer_bytes(cfg.model, table, stage, layout),
         }  # fmt: skip

@@ -66,16 +66,44 @@ def test_parameter_counts_follow_the_model_and_its_pipeline_split():
 )
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_activation_model_matches_saved_tensors(overrides, bf16, monkeypatch):
+    predicted, measured = predicted_and_measured_activations(overrides, bf16, monkeypatch)
+    assert predicted / measured == pytest.approx(1.0, abs=RTOL)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_activation_model_matches_the_modules_path(activation, bf16, monkeypatch):
+    # With a forward hook on every linear layer (as DeepSpeed ZeRO-3 gathers its parameters), the blocks run their
+    # modules, not the fused functions: bf16 autocast casts the first norm's output for q, k and v each, and
+    # quick_gelu saves the hidden three times. The planner's `fused=False` must follow, and grow where they grow.
+    overrides = [f"--model.activation={activation}"]
+    predicted, measured = predicted_and_measured_activations(overrides, bf16, monkeypatch, fused=False)
+    assert predicted / measured == pytest.approx(1.0, abs=RTOL)
+    predicted_fused, measured_fused = predicted_and_measured_activations(overrides, bf16, monkeypatch, fused=True)
+    if bf16 or activation == "quick_gelu":
+        assert measured > 1.1 * measured_fused
+        assert (predicted - predicted_fused) / (measured - measured_fused) == pytest.approx(1.0, abs=RTOL)
+    else:  # fp32 gelu: the same tensors either way
+        assert predicted == predicted_fused and measured == measured_fused
+
+
+def predicted_and_measured_activations(overrides, bf16, monkeypatch, fused: bool | None = None) -> tuple[float, int]:
+    """Predicted and measured activation bytes of the tiny model's forward, batch 16, one process. `fused=False`
+    hooks every linear layer, so the blocks run their modules; None takes the planner's default."""
     # The planner models the fused attention kernels GPUs run, which save no attention matrix; on CPU in bf16 the
     # model picks SDPA's math path for short sequences (faster there), which does. Measure the GPU's kernel choice.
     monkeypatch.setattr(layers, "CPU_MATH_ATTENTION_MAX_TOKENS", 0)
     cfg = load_config(TINY, [*overrides, "--train.global_batch_size=16"])
     objectives = active_objectives(cfg.train.loss_weights)
     model = build_model(cfg.model, objectives)
+    if fused is False:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda *_: None)
     batch = next(iter(build_train_loader(cfg, 0, 1)))
     measured = saved_activation_bytes(model, batch, bf16)
-    predicted = activation_bytes(cfg, objectives, stages(cfg, objectives, 1)[0], 16, 1, bf16)
-    assert predicted / measured == pytest.approx(1.0, abs=RTOL)
+    predicted = activation_bytes(cfg, objectives, stages(cfg, objectives, 1)[0], 16, 1, bf16, fused=fused)
+    return predicted, measured
 
 
 def test_model_state_matches_real_training_processes():
