@@ -48,12 +48,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def plain_linears(*linears: nn.Linear) -> bool:
     """Whether these linear layers may be run by an autograd function of this module without calling them: plain
-    tensor weights (not the DTensors tensor parallelism makes them), no hooks (tensor parallelism's input and output
-    redistribution, DeepSpeed ZeRO-3's parameter gathering, or a user's), and not inside compiled code (inductor fuses
-    the modules' elementwise work itself)."""
+    tensor weights (not the DTensors tensor parallelism makes them), no hooks that calling them would run (tensor
+    parallelism's input and output redistribution, DeepSpeed ZeRO-3's parameter gathering, a profiler's or a user's;
+    forward or backward, on these layers or on every module), and not inside compiled code (inductor fuses the
+    modules' elementwise work itself)."""
     plain = all(type(p) in (torch.Tensor, nn.Parameter) for m in linears for p in (m.weight, m.bias))
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in linears)
-    return plain and not hooked and not torch.compiler.is_compiling()
+    hooked = any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in linears
+    )
+    return plain and not hooked and not _global_module_hooks() and not torch.compiler.is_compiling()
+
+
+def _global_module_hooks() -> bool:
+    """Whether any hook registered for every module (`nn.modules.module.register_module_forward_hook` and the like)
+    is in place."""
+    from torch.nn.modules import module
+
+    return bool(
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
 
 
 def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

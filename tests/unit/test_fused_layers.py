@@ -124,6 +124,15 @@ def test_hooked_compiled_or_other_activations_go_through_the_modules() -> None:
     assert not fused(mlp(x.requires_grad_())) and calls == ["fc1"]  # tensor parallelism's hooks must run
     handle.remove()
     assert fused(mlp(x))
+    # Backward hooks on a layer, and hooks for every module (a profiler's), run only if the modules are called.
+    handle = mlp.fc2.register_full_backward_hook(lambda *_: calls.append("fc2 backward"))
+    mlp(x).sum().backward()
+    assert calls == ["fc1", "fc2 backward"]
+    handle.remove()
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, *_: calls.append(type(module).__name__)):
+        assert not fused(mlp(x))
+    assert calls[2:] == ["Linear", "Linear", "MLP"]
+    assert fused(mlp(x))
     # Compiled code takes the modules' path (inductor fuses it): dynamo's eager backend runs the traced ops as they
     # are, so the graph shows which path was traced.
     assert "SigmoidBackward0" in backward_nodes(torch.compile(mlp, backend="eager")(x))
