@@ -82,11 +82,12 @@ def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
-class SelfAttentionProjections(torch.autograd.Function):
-    """q_proj(x), k_proj(x), v_proj(x) for x (..., D) and three (D, D) linear layers.
+class SharedInputProjections(torch.autograd.Function):
+    """Several linear layers of one input x (..., D): q_proj(x), k_proj(x), v_proj(x) of a self-attention, or k_proj
+    and v_proj of a cross-attention's context. Arguments: x, then each layer's weight and bias.
 
-    Under autocast, x is cast once: through the modules autocast casts it for each projection and keeps each copy
-    for backward. The gradient of x is one sum accumulated in the matmuls (addmm_), not three matmuls and two adds.
+    Under autocast, x is cast once: through the modules autocast casts it for each layer and keeps each copy for
+    backward. The gradient of x is one sum accumulated in the matmuls (addmm_), not a matmul per layer and the adds.
     """
 
     @staticmethod
@@ -135,8 +136,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         s = source.shape[1]
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if context is None and plain_linears(*projections):
-            q, k, v = SelfAttentionProjections.apply(x, *(p for m in projections for p in (m.weight, m.bias)))
+        if plain_linears(*projections) and context is None:
+            q, k, v = SharedInputProjections.apply(x, *(p for m in projections for p in (m.weight, m.bias)))
+        elif plain_linears(*projections):
+            q = self.q_proj(x)
+            k, v = SharedInputProjections.apply(context, *(p for m in projections[1:] for p in (m.weight, m.bias)))
         else:
             q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)

@@ -1,6 +1,6 @@
 """The autograd functions bigmodel.models.layers runs plain layers through, against autograd through the modules
 with the same weights: QuickGeluMLP (quick_gelu blocks' MLP: fc2(h * sigmoid(1.702 h)) with h = fc1(x)) and
-SelfAttentionProjections (q, k and v of a self-attention)."""
+SharedInputProjections (q, k and v of a self-attention; k and v of a cross-attention)."""
 
 from __future__ import annotations
 
@@ -39,15 +39,16 @@ def through_modules(enabled: bool) -> Iterator[None]:
 def run(
     module: torch.nn.Module, x: torch.Tensor, modules: bool, bf16: bool = False, **kwargs: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Output and gradients (input's, then each parameter's; None where not requested) of a squared-sum loss of
-    `module(x, **kwargs)`; `modules`: through the modules as plain autograd (for the MLP: fc1, quick_gelu, fc2), else
-    through the fused functions where they apply."""
+    """Output and gradients (input's, each keyword tensor's, then each parameter's; None where not requested) of a
+    squared-sum loss of `module(x, **kwargs)`; `modules`: through the modules as plain autograd (for the MLP: fc1,
+    quick_gelu, fc2), else through the fused functions where they apply."""
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(x.requires_grad)
+    kwargs = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in kwargs.items()}
     with through_modules(modules), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = module(x, **kwargs)
     out.float().square().sum().backward()
-    return out, [x.grad, *(p.grad for p in module.parameters())]
+    return out, [x.grad, *(v.grad for v in kwargs.values()), *(p.grad for p in module.parameters())]
 
 
 def backward_nodes(out: torch.Tensor) -> set[str]:
@@ -167,17 +168,28 @@ class OnInput(torch.nn.Module):
         self.module = module
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(batch["x"] * 1.0)
+        return self.module(batch["x"] * 1.0, **{k: v * 1.0 for k, v in batch.items() if k != "x"})
 
 
-def test_fused_projections_match_autograd_in_fp32() -> None:
+def attention_inputs(cross: bool) -> dict[str, torch.Tensor]:
+    """A cross-attention's context (3 x 7 tokens, requiring its gradient), or nothing for a self-attention."""
+    return (
+        {"context": torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()} if cross else {}
+    )
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_fused_projections_match_autograd_in_fp32(cross: bool) -> None:
     attention, x = make_attention()
     x.requires_grad_()
-    out, grads = run(attention, x, modules=False)
-    want, want_grads = run(attention, x, modules=True)
-    exact, exact_grads = run(copy.deepcopy(attention).double(), x.double(), modules=True)
-    assert "SelfAttentionProjectionsBackward" in backward_nodes(out)
-    assert "SelfAttentionProjectionsBackward" not in backward_nodes(want)
+    context = attention_inputs(cross)
+    out, grads = run(attention, x, modules=False, **context)
+    want, want_grads = run(attention, x, modules=True, **context)
+    exact, exact_grads = run(
+        copy.deepcopy(attention).double(), x.double(), modules=True, **{k: v.double() for k, v in context.items()}
+    )
+    assert "SharedInputProjectionsBackward" in backward_nodes(out)
+    assert "SharedInputProjectionsBackward" not in backward_nodes(want)
     # Gradients against the largest of them: k_proj's bias gets zero in exact arithmetic (softmax ignores a shift
     # shared by every key), so its own scale is rounding noise.
     scale = max(g.abs().max().item() for g in want_grads)
@@ -188,14 +200,16 @@ def test_fused_projections_match_autograd_in_fp32() -> None:
         assert_fp32_close(got.double(), fp64, scale)
 
 
-def test_fused_projections_in_bf16_cast_once_and_are_as_close_to_fp32_as_autocast() -> None:
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_fused_projections_in_bf16_cast_once_and_are_as_close_to_fp32_as_autocast(cross: bool) -> None:
     from bigmodel.bench.activations import saved_activation_bytes
 
     attention, x = make_attention()
     x.requires_grad_()
-    out, grads = run(attention, x, modules=False, bf16=True)
-    plain, plain_grads = run(attention, x, modules=True, bf16=True)
-    want, want_grads = run(attention, x, modules=True)
+    context = attention_inputs(cross)
+    out, grads = run(attention, x, modules=False, bf16=True, **context)
+    plain, plain_grads = run(attention, x, modules=True, bf16=True, **context)
+    want, want_grads = run(attention, x, modules=True, **context)
     assert all(g.dtype == torch.float32 for g in grads)
     flat = [torch.cat([g.flatten() for g in gs]) for gs in (grads, plain_grads, want_grads)]
     for got, by_autocast, expected in ((out, plain, want), tuple(flat)):
@@ -206,10 +220,13 @@ def test_fused_projections_in_bf16_cast_once_and_are_as_close_to_fp32_as_autocas
 
     def saved(modules: bool) -> int:
         with through_modules(modules):
-            return saved_activation_bytes(OnInput(attention), {"x": x}, bf16=True)
+            return saved_activation_bytes(OnInput(attention), {"x": x, **context}, bf16=True)
 
-    # Through the modules autocast keeps a bf16 copy of x for each of q, k and v: two more (N, D) bf16 tensors.
-    assert saved(modules=True) - saved(modules=False) == 2 * x.numel() * 2
+    # Through the modules autocast keeps a bf16 copy of the shared input for each projection reading it: for a
+    # self-attention two more (N, D) bf16 tensors (q, k and v read x), for a cross-attention one more of its fp32
+    # context. (In the model the context is image_proj's output, bf16 already under autocast: nothing is cast.)
+    extra = context["context"].numel() * 2 if cross else 2 * x.numel() * 2
+    assert saved(modules=True) - saved(modules=False) == extra
 
 
 @pytest.mark.parametrize("frozen", ["q_proj", "v_proj", "weights"])
@@ -220,7 +237,7 @@ def test_fused_projections_compute_only_requested_gradients(frozen: str) -> None
         p.requires_grad_(frozen not in (name.split(".")[0], "weights"))
     out, grads = run(attention, x, modules=False)
     _, want_grads = run(attention, x, modules=True)
-    assert "SelfAttentionProjectionsBackward" in backward_nodes(out)
+    assert "SharedInputProjectionsBackward" in backward_nodes(out)
     scale = max(g.abs().max().item() for g in want_grads if g is not None)
     for got, expected in zip(grads, want_grads, strict=True):
         assert (got is None) == (expected is None)
@@ -228,12 +245,10 @@ def test_fused_projections_compute_only_requested_gradients(frozen: str) -> None
             assert_fp32_close(got, expected, scale)  # as in the fp32 test
 
 
-def test_cross_attention_and_hooked_projections_go_through_the_modules() -> None:
+def test_hooked_projections_go_through_the_modules() -> None:
     attention, x = make_attention()
-    x.requires_grad_()
-    context = torch.randn(3, 7, 32)
-    out, _ = run(attention, x, modules=False, context=context)
-    assert "SelfAttentionProjectionsBackward" not in backward_nodes(out)  # k and v read another input
     calls = []
     attention.k_proj.register_forward_hook(lambda *_: calls.append("k_proj"))
-    assert "SelfAttentionProjectionsBackward" not in backward_nodes(attention(x)) and calls == ["k_proj"]
+    for context in ({}, attention_inputs(cross=True)):
+        assert "SharedInputProjectionsBackward" not in backward_nodes(attention(x.requires_grad_(), **context))
+    assert calls == ["k_proj", "k_proj"]
