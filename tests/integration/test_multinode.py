@@ -1,7 +1,9 @@
 """Two "nodes" on this machine train exactly what one 4-process `bigmodel launch` trains:
 - two `bigmodel launch --nnodes 2` commands (2 processes each) meeting at a c10d rendezvous on 127.0.0.1;
 - one `bigmodel launch --launcher deepspeed --hostfile` command, whose launcher starts both nodes over ssh with pdsh,
-  as on a cluster (the hosts are emulated by launch/ssh_hosts.sh: an sshd on a loopback port)."""
+  as on a cluster;
+- one `mpirun --host node0:2,node1:2` (Open MPI), which starts its daemons on both nodes over ssh.
+The ssh hosts are emulated by launch/ssh_hosts.sh (an sshd on a loopback port, host names node0 and node1)."""
 
 from __future__ import annotations
 
@@ -95,16 +97,16 @@ def test_two_nodes_over_loopback_match_one_node(tmp_path, one_node):
 def ssh_hosts(tmp_path_factory):
     """Hosts node0 and node1, both this machine behind an sshd on a loopback port; yields the environment whose PATH
     has the ssh that reaches them, and the hostfile listing them."""
-    installed = shutil.which("pdsh") and shutil.which("sshd", path=f"{os.environ['PATH']}:/usr/sbin")
+    installed = all(shutil.which(b, path=f"{os.environ['PATH']}:/usr/sbin") for b in ("pdsh", "sshd", "mpirun"))
     if not installed and os.geteuid() != 0:
         if os.environ.get("CI"):
-            pytest.fail("the ssh launch test needs openssh-server and pdsh, or root to install them")
-        pytest.skip("openssh-server and pdsh are not installed (launch/ssh_hosts.sh up installs them as root)")
+            pytest.fail("the ssh launch tests need openssh-server, pdsh and openmpi-bin, or root to install them")
+        pytest.skip("openssh-server, pdsh or openmpi-bin is missing (launch/ssh_hosts.sh up installs them as root)")
     state = tmp_path_factory.mktemp("ssh")
     env = {**os.environ, "BIGMODEL_SSH_DIR": str(state / "hosts"), "BIGMODEL_SSH_PORT": str(free_port())}
     up = subprocess.run([str(SSH_HOSTS), "up", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, f"emulated ssh hosts did not start:\n{up.stdout}\n{up.stderr}"
-    yield {**env, "PATH": f"{state / 'hosts' / 'bin'}:{env['PATH']}"}, state / "hosts" / "hostfile"
+    yield {**env, "PATH": f"{state / 'hosts' / 'bin'}:{env['PATH']}"}, state / "hosts"
     subprocess.run([str(SSH_HOSTS), "down"], env=env, capture_output=True, timeout=60)
 
 
@@ -112,12 +114,12 @@ def ssh_hosts(tmp_path_factory):
 def test_deepspeed_launcher_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_hosts):
     # What a multi-node deepspeed launch does on a cluster: this command runs on the first host only; the launcher
     # reaches both hosts over ssh (pdsh), and each starts its 2 workers with its node rank (pdsh's %n).
-    env, hostfile = ssh_hosts
+    env, hosts = ssh_hosts
     node = launch(
         "--launcher",
         "deepspeed",
         "--hostfile",
-        str(hostfile),
+        str(hosts / "hostfile"),
         "--nnodes",
         "2",
         "--nproc",
@@ -131,3 +133,20 @@ def test_deepspeed_launcher_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_ho
     assert "cmd = pdsh -S" in log and "-w node0,node1" in log, "the launcher started the hosts over pdsh"
     assert "node0: " in log and "node1: " in log, "both hosts ran workers"
     assert losses(tmp_path / "ssh") == one_node
+
+
+@pytest.mark.slow
+def test_mpirun_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_hosts):
+    # Open MPI as on a cluster without Slurm: mpirun reaches each host over ssh and starts 2 processes there; the
+    # workers read OMPI_COMM_WORLD_* and meet at the exported MASTER_ADDR:MASTER_PORT (docs/launching.md).
+    env, hosts = ssh_hosts
+    logins = (hosts / "sshd.log").read_text().count("Accepted publickey")
+    cmd = ["mpirun", "--host", "node0:2,node1:2", "-np", "4", "-x", "MASTER_ADDR=127.0.0.1", "-x"]
+    cmd += [f"MASTER_PORT={free_port()}", "-x", "OMP_NUM_THREADS=1", "-x", "PATH"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, "-m", "bigmodel.train", "--config", TINY, *RUN, f"--train.out_dir={tmp_path / 'mpi'}"]
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    finish(job)
+    assert (hosts / "sshd.log").read_text().count("Accepted publickey") >= logins + 2, "both hosts reached over ssh"
+    assert losses(tmp_path / "mpi") == one_node
