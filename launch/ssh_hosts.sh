@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Emulated ssh hosts on this one machine, for tests and for trying the launchers that start other nodes over ssh
-# without a cluster (the deepspeed launcher through pdsh, Open MPI's mpirun): an sshd on a loopback port that accepts
+# without a cluster (the deepspeed launcher through pdsh, Open MPI's and MPICH's mpirun): an sshd on a loopback port that accepts
 # one generated key, host names node0..node{N-1} all reaching it, and an `ssh` on PATH that knows them.
 #
-#   launch/ssh_hosts.sh up [HOSTS]    # install OpenSSH, pdsh, Open MPI if missing (root), start sshd, write a hostfile
+#   launch/ssh_hosts.sh up [HOSTS]    # install OpenSSH, pdsh, Open MPI, MPICH if missing (root); start sshd, hostfile
 #   eval "$(launch/ssh_hosts.sh env)" # PATH with that ssh first; then, e.g.:
 #   bigmodel launch --launcher deepspeed --hostfile "$BIGMODEL_SSH_DIR/hostfile" --nnodes 2 --nproc 2 --config ...
 #   mpirun --host node0:2,node1:2 -np 4 -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=29500 python -m bigmodel.train ...
@@ -15,7 +15,7 @@ set -euo pipefail
 
 DIR=${BIGMODEL_SSH_DIR:-/tmp/bigmodel-ssh}
 PORT=${BIGMODEL_SSH_PORT:-2222}
-PACKAGES=(openssh-server openssh-client pdsh openmpi-bin)
+PACKAGES=(openssh-server openssh-client pdsh openmpi-bin mpich)
 
 die() { echo "ssh_hosts: $*" >&2; exit 1; }
 
@@ -24,7 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/packages.sh"
 
 up() {
     local hosts=${1:-2} names=() i
-    install_packages "sshd ssh ssh-keygen pdsh mpirun" "${PACKAGES[@]}"
+    install_packages "sshd ssh ssh-keygen pdsh mpiexec.openmpi mpiexec.hydra" "${PACKAGES[@]}"
     [ -f "$DIR/sshd.pid" ] && kill -0 "$(cat "$DIR/sshd.pid")" 2>/dev/null && die "already up ($DIR); run down first"
     rm -rf "$DIR" && mkdir -p "$DIR/bin" && chmod 700 "$DIR"
     ssh-keygen -q -t ed25519 -N '' -f "$DIR/host_key"

@@ -2,7 +2,7 @@
 - two `bigmodel launch --nnodes 2` commands (2 processes each) meeting at a c10d rendezvous on 127.0.0.1;
 - one `bigmodel launch --launcher deepspeed --hostfile` command, whose launcher starts both nodes over ssh with pdsh,
   as on a cluster;
-- one `mpirun --host node0:2,node1:2` (Open MPI), which starts its daemons on both nodes over ssh.
+- one `mpirun` of Open MPI or of MPICH (hydra) across node0 and node1, which starts its daemons on both over ssh.
 The ssh hosts are emulated by launch/ssh_hosts.sh (an sshd on a loopback port, host names node0 and node1)."""
 
 from __future__ import annotations
@@ -97,11 +97,16 @@ def test_two_nodes_over_loopback_match_one_node(tmp_path, one_node):
 def ssh_hosts(tmp_path_factory):
     """Hosts node0 and node1, both this machine behind an sshd on a loopback port; yields the environment whose PATH
     has the ssh that reaches them, and the hostfile listing them."""
-    installed = all(shutil.which(b, path=f"{os.environ['PATH']}:/usr/sbin") for b in ("pdsh", "sshd", "mpirun"))
+    needed = ("pdsh", "sshd", "mpiexec.openmpi", "mpiexec.hydra")
+    installed = all(shutil.which(b, path=f"{os.environ['PATH']}:/usr/sbin") for b in needed)
     if not installed and os.geteuid() != 0:
         if os.environ.get("CI"):
-            pytest.fail("the ssh launch tests need openssh-server, pdsh and openmpi-bin, or root to install them")
-        pytest.skip("openssh-server, pdsh or openmpi-bin is missing (launch/ssh_hosts.sh up installs them as root)")
+            pytest.fail(
+                "the ssh launch tests need openssh-server, pdsh, openmpi-bin and mpich, or root to install them"
+            )
+        pytest.skip(
+            "openssh-server, pdsh, openmpi-bin or mpich is missing (launch/ssh_hosts.sh up installs them as root)"
+        )
     state = tmp_path_factory.mktemp("ssh")
     env = {**os.environ, "BIGMODEL_SSH_DIR": str(state / "hosts"), "BIGMODEL_SSH_PORT": str(free_port())}
     up = subprocess.run([str(SSH_HOSTS), "up", "2"], env=env, capture_output=True, text=True, timeout=600)
@@ -136,15 +141,21 @@ def test_deepspeed_launcher_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_ho
 
 
 @pytest.mark.slow
-def test_mpirun_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_hosts):
-    # Open MPI as on a cluster without Slurm: mpirun reaches each host over ssh and starts 2 processes there; the
-    # workers read OMPI_COMM_WORLD_* and meet at the exported MASTER_ADDR:MASTER_PORT (docs/launching.md).
+@pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
+def test_mpirun_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_hosts, mpi):
+    # MPI as on a cluster without Slurm: mpirun reaches each host over ssh and starts 2 processes there; the workers
+    # read OMPI_COMM_WORLD_* (Open MPI) or PMI_* and MPI_LOCAL* (MPICH) and meet at the exported
+    # MASTER_ADDR:MASTER_PORT (docs/launching.md).
     env, hosts = ssh_hosts
     logins = (hosts / "sshd.log").read_text().count("Accepted publickey")
-    cmd = ["mpirun", "--host", "node0:2,node1:2", "-np", "4", "-x", "MASTER_ADDR=127.0.0.1", "-x"]
-    cmd += [f"MASTER_PORT={free_port()}", "-x", "OMP_NUM_THREADS=1", "-x", "PATH"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
+    port = free_port()
+    if mpi == "openmpi":
+        cmd = ["mpiexec.openmpi", "--host", "node0:2,node1:2", "-np", "4", "-x", "MASTER_ADDR=127.0.0.1", "-x"]
+        cmd += [f"MASTER_PORT={port}", "-x", "OMP_NUM_THREADS=1", "-x", "PATH"]
+        cmd += ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    else:
+        cmd = ["mpiexec.hydra", "-hosts", "node0:2,node1:2", "-n", "4", "-launcher", "ssh"]
+        cmd += ["-genv", "MASTER_ADDR", "127.0.0.1", "-genv", "MASTER_PORT", str(port), "-genv", "OMP_NUM_THREADS", "1"]
     cmd += [sys.executable, "-m", "bigmodel.train", "--config", TINY, *RUN, f"--train.out_dir={tmp_path / 'mpi'}"]
     job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     finish(job)
