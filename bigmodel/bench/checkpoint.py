@@ -83,14 +83,14 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
 
     Keys: bytes, write ({raw, raw_writeback, save}: a plain write and one starting the writeback every 8 MiB), read
     ({raw, load}: both from the disk, the page cache dropped before each), verified_read ({raw, verify_load}:
-    verify_manifest then load_sharded, what resuming does, from the disk) and cached_read ({raw, load}: both from the
-    page cache, as the files were just written). Each interleaved.
+    verify_checkpoint, then load_sharded checking the own shard as it reads it: what resuming does, from the disk)
+    and cached_read ({raw, load}: both from the page cache, as the files were just written). Each interleaved.
     """
-    from bigmodel.checkpoint.sharded import load_sharded, save_sharded, verify_manifest, wait_for_purges
+    from bigmodel.checkpoint.sharded import load_sharded, save_sharded, wait_for_purges
     from bigmodel.data import build_train_loader
     from bigmodel.engines import build_engine
     from bigmodel.parallel.context import setup_parallel
-    from bigmodel.train.loop import split_microbatches
+    from bigmodel.train.loop import split_microbatches, verify_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bigmodel-bench-ckpt-", dir=directory) as tmp:
         root = Path(tmp)
@@ -103,13 +103,12 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
         data = os.urandom(nbytes)
         _raw_write(raw, data)
 
-        def load() -> None:
+        def load(checked: list[str] | None = None) -> None:
             with contextlib.redirect_stderr(io.StringIO()):
-                load_sharded(checkpoint, engine)
+                load_sharded(checkpoint, engine, checked or ())
 
-        def verify_load() -> None:
-            verify_manifest(checkpoint)
-            load()
+        def verify_load() -> None:  # what a resume does: check the files, the own shard's checksum as it loads
+            load(verify_checkpoint(checkpoint, engine.ctx))
 
         def cold() -> None:
             evict(raw, checkpoint)

@@ -527,21 +527,48 @@ def _start_save(
     return PendingSave(tmp, path, manifest, on_complete)
 
 
-def load_sharded(path: str | Path, engine: NativeEngine) -> dict[str, Any]:
+def load_sharded(path: str | Path, engine: NativeEngine, checked: Collection[str] = ()) -> dict[str, Any]:
     """Load the checkpoint at `path` into `engine`, whatever layout it was saved from, and return its `extra`.
 
-    Every rank calls it; it does not check the files' checksums (verify_manifest does). A pickled object that is not
+    Every rank calls it. It checks no checksum (verify_manifest does) except those of `checked`: this rank's own
+    shard file (`checked_while_loading`), hashed as the prefetch reads it from the disk, so a resume reads it once
+    instead of once to check and once to load. A mismatch raises verify_manifest's one-line ValueError on every rank,
+    after the engine has taken the file's contents: the caller must not go on with it. A pickled object that is not
     plain checkpoint data raises UnsafeCheckpointError (a ValueError) without being run.
     """
     from bigmodel.checkpoint.safe import load_dcp
 
     path = Path(path)
     manifest = read_sharded_manifest(path)
-    with _prefetching(_own_files(path, manifest)), gc_paused():
-        state = engine_state_dict(engine)
-        load_dcp(state, path)  # never unpickles code from the checkpoint (bigmodel.checkpoint.safe)
-        load_engine_state_dict(engine, state)
+    own = _own_files(path, manifest)
+    hashed = {path / name: _recorded(path, manifest["files"], name) for name in checked}
+    if not hashed.keys() <= set(own):
+        raise ValueError(f"checkpoint {path}: {sorted(checked)} are not all files this rank loads whole")
+    with _prefetching(own, hashed) as prefetch:
+        try:
+            with gc_paused():
+                state = engine_state_dict(engine)
+                load_dcp(state, path)  # never unpickles code from the checkpoint (bigmodel.checkpoint.safe)
+                load_engine_state_dict(engine, state)
+        except Exception as err:  # a corrupt file may fail to parse before its checksum is known: name the cause
+            if problem := prefetch.mismatch():
+                raise ValueError(problem) from err
+            raise
+        problem = prefetch.mismatch()
+    if hashed and dist.is_initialized():  # every rank stops together, with the first failing rank's line
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise ValueError(problem)
     return manifest["extra"]
+
+
+def checked_while_loading(manifest: dict[str, Any], rank: int, world_size: int) -> list[str]:
+    """The files of `manifest` whose checksums rank `rank` of `world_size` may leave to `load_sharded(checked=...)`:
+    its own shard file when the checkpoint was saved by as many ranks (a resume), which the load reads whole."""
+    own = shard_file(rank)
+    return [own] if manifest.get("world_size") == world_size and own in manifest["files"] else []
 
 
 def _own_files(path: Path, manifest: dict[str, Any]) -> list[Path]:
@@ -557,39 +584,63 @@ def shard_file(rank: int) -> str:
     return f"__{rank}_0{DEFAULT_SUFFIX}"
 
 
+class _Prefetch:
+    """The reading thread of `_prefetching` and the checksums it computes."""
+
+    def __init__(self, files: list[Path], hashed: dict[Path, tuple[str, str]]) -> None:
+        self.hashed = hashed
+        self.digests: dict[Path, str] = {}
+        self.thread = threading.Thread(target=self._read, args=(files,), name="bigmodel-prefetch", daemon=True)
+
+    def _read(self, files: list[Path]) -> None:
+        scratch = memoryview(bytearray(16 << 20))
+        for file in files:
+            digest = _HASHES[self.hashed[file][0]]() if file in self.hashed else None
+            with open(file, "rb", buffering=0) as f:
+                while size := f.readinto(scratch):
+                    if digest is not None:
+                        digest.update(scratch[:size])  # xxhash and hashlib release the GIL for large buffers
+            if digest is not None:
+                self.digests[file] = digest.hexdigest()
+
+    def mismatch(self) -> str | None:
+        """verify_manifest's line for the first hashed file that does not match its checksum, once read; else None."""
+        if not self.hashed:
+            return None
+        self.thread.join()
+        for file, (algorithm, recorded) in self.hashed.items():
+            if self.digests.get(file) != recorded:
+                return _mismatch_line(file.parent, file.name, algorithm)
+        return None
+
+
 @contextlib.contextmanager
-def _prefetching(files: list[Path]) -> Any:
+def _prefetching(files: list[Path], hashed: dict[Path, tuple[str, str]] | None = None) -> Any:
     """Read `files` into the page cache on a background thread while the block builds the state dict and DCP plans
     the load (~40 ms at 15M parameters), so the disk is busy from the start; the reads that follow copy from memory.
     Reading, not posix_fadvise(WILLNEED), which measured no faster than nothing. Skipped where the files would take
-    more than a quarter of the memory free now: their pages would be evicted again before they are read.
+    more than a quarter of the memory free now (their pages would be evicted again before they are read), unless a
+    file is to be hashed: `hashed` maps files to (algorithm, recorded digest), computed as they are read (yields a
+    `_Prefetch`; its `mismatch()` waits for the reading to end).
 
     For the block, the interpreter hands the GIL between threads every 0.5 ms instead of 5: the reading thread needs
     it between two 16 MiB reads, and waited up to 5 ms each time while this thread planned, leaving the disk idle
     (15M parameters, 181 MB from the disk, each load right after a raw read of as many bytes: 0.128-0.138 s a load
-    with the 5 ms interval, 0.119-0.120 s with 0.5 ms; the raw read 0.096 s; without prefetching ~0.145 s).
-    After a resume's checksum pass (`verify_shares`) the file is in the page cache already and this is a copy on
-    the side."""
+    with the 5 ms interval, 0.119-0.120 s with 0.5 ms; the raw read 0.096 s; without prefetching ~0.145 s)."""
+    hashed = hashed or {}
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # no such sysconf name here
         free = 0
-    if not files or sum(file.stat().st_size for file in files) > free // 4:
-        yield
+    if not hashed and (not files or sum(file.stat().st_size for file in files) > free // 4):
+        yield _Prefetch([], {})
         return
-
-    def read() -> None:
-        scratch = bytearray(16 << 20)
-        for file in files:
-            with open(file, "rb", buffering=0) as f:
-                while f.readinto(scratch):
-                    pass
-
+    prefetch = _Prefetch(files, hashed)
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 0.0005))
     try:
-        threading.Thread(target=read, name="bigmodel-prefetch", daemon=True).start()
-        yield
+        prefetch.thread.start()
+        yield prefetch
     finally:
         sys.setswitchinterval(interval)
 
@@ -621,34 +672,50 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
 
 
-def verify_manifest(path: str | Path, files: Collection[str] | None = None, unlisted: bool | None = None) -> None:
+def verify_manifest(
+    path: str | Path, files: Collection[str] | None = None, unlisted: bool | None = None, present: Collection[str] = ()
+) -> None:
     """Raise ValueError naming the first file of the checkpoint at `path` that is missing, changed or unlisted.
 
     `files`: check only these of the manifest's files (a rank's share: `verify_shares`); `unlisted`: also look for
-    files the manifest does not list (default: when checking every file).
+    files the manifest does not list (default: when checking every file); `present`: files only to be found listed and
+    present here, their checksums left to the load that reads them (`checked_while_loading`).
     Digests are "<algorithm>:<hex>" (CHECKSUM) or, as formats 1 and 2 wrote them, a bare sha256 hex digest."""
     path = Path(path)
     expected = read_manifest(path)["files"]
+    for name in present:
+        _recorded(path, expected, name)
     for name in expected if files is None else files:
-        recorded = expected.get(name)
-        if recorded is None:
-            raise ValueError(f"checkpoint {path}: {name} is not listed in {MANIFEST_FILE}")
-        if not (path / name).is_file():
-            raise ValueError(f"checkpoint {path}: {name} is missing; restore it or use an earlier checkpoint")
-        algorithm, _, digest = recorded.rpartition(":")
-        algorithm = algorithm or "sha256"
-        if algorithm not in _HASHES:
-            raise ValueError(f"checkpoint {path}: {name} has a {algorithm} checksum; bigmodel reads {list(_HASHES)}")
+        algorithm, digest = _recorded(path, expected, name)
         if _digest(path / name, algorithm) != digest:
-            raise ValueError(
-                f"checkpoint {path}: {name} does not match its {algorithm} checksum in {MANIFEST_FILE} (corrupt or "
-                "changed); use an earlier checkpoint"
-            )
+            raise ValueError(_mismatch_line(path, name, algorithm))
     if not (files is None if unlisted is None else unlisted):
         return
     extra = sorted(set(_files(path)) - set(expected) - {MANIFEST_FILE})
     if extra:
         raise ValueError(f"checkpoint {path}: {extra[0]} is not listed in {MANIFEST_FILE}")
+
+
+def _recorded(path: Path, expected: dict[str, str], name: str) -> tuple[str, str]:
+    """(algorithm, hex digest) the manifest's `expected` records for the file `name`, which must exist; else the
+    one-line ValueError naming what is wrong."""
+    recorded = expected.get(name)
+    if recorded is None:
+        raise ValueError(f"checkpoint {path}: {name} is not listed in {MANIFEST_FILE}")
+    if not (path / name).is_file():
+        raise ValueError(f"checkpoint {path}: {name} is missing; restore it or use an earlier checkpoint")
+    algorithm, _, digest = recorded.rpartition(":")
+    algorithm = algorithm or "sha256"
+    if algorithm not in _HASHES:
+        raise ValueError(f"checkpoint {path}: {name} has a {algorithm} checksum; bigmodel reads {list(_HASHES)}")
+    return algorithm, digest
+
+
+def _mismatch_line(path: Path, name: str, algorithm: str) -> str:
+    return (
+        f"checkpoint {path}: {name} does not match its {algorithm} checksum in {MANIFEST_FILE} (corrupt or changed); "
+        "use an earlier checkpoint"
+    )
 
 
 def verify_shares(names: Collection[str], world_size: int) -> list[list[str]]:

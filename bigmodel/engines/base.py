@@ -7,7 +7,7 @@ how the optimizer is sharded is the engine's business.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +71,9 @@ class Engine(ABC):
 
         return save_sharded(path, self, extra, on_complete=on_complete)
 
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Load the checkpoint folder `path` into this engine and return its `extra`; every rank calls it."""
+    def load_checkpoint(self, path: Path, checked: Collection[str] = ()) -> dict[str, Any]:
+        """Load the checkpoint folder `path` into this engine and return its `extra`; every rank calls it. `checked`:
+        files whose checksums the load checks as it reads them (`load_sharded`)."""
         from bigmodel.checkpoint.sharded import load_sharded
 
-        return load_sharded(path, self)
+        return load_sharded(path, self, checked)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,10 +333,13 @@ class DeepSpeedEngine(Engine):
 
         return save_deepspeed(path, self, extra, on_complete)
 
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Load a checkpoint this engine saved (same layout) and return its `extra` (every rank)."""
+    def load_checkpoint(self, path: Path, checked: Collection[str] = ()) -> dict[str, Any]:
+        """Load a checkpoint this engine saved (same layout) and return its `extra` (every rank). `checked`: files
+        whose checksums are checked first (DeepSpeed's loader reads its files itself)."""
         from bigmodel.checkpoint.deepspeed import load_deepspeed
+        from bigmodel.checkpoint.sharded import verify_manifest
 
+        verify_manifest(path, checked, unlisted=False)
         return load_deepspeed(path, self)
 
 

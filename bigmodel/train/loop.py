@@ -18,7 +18,13 @@ import torch
 from tqdm import tqdm
 
 from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint, step_folder
-from bigmodel.checkpoint.sharded import PendingSave, read_manifest, verify_manifest, verify_shares
+from bigmodel.checkpoint.sharded import (
+    PendingSave,
+    checked_while_loading,
+    read_manifest,
+    verify_manifest,
+    verify_shares,
+)
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
@@ -174,10 +180,10 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"note: no checkpoint in {self.run_dir} yet; starting from step 0", file=sys.stderr)
             return 0
-        verify_checkpoint(path, self.ctx)
+        checked = verify_checkpoint(path, self.ctx)
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
-        extra = self.engine.load_checkpoint(path)
+        extra = self.engine.load_checkpoint(path, checked)
         self.loader.load_state_dict(extra["loader"])
         self.samples_seen = extra["samples_seen"]
         if self.ctx.is_main:
@@ -293,15 +299,21 @@ class Trainer:
         return TrainResult(self.run_dir, final_loss, before, after, checkpoint)
 
 
-def verify_checkpoint(path: Path, ctx: ParallelContext) -> None:
-    """Check the checkpoint's files against its manifest, shared out over the ranks (`verify_shares`: each rank
-    hashes its own shard file, so a resume reads the checkpoint once in parallel instead of the main rank reading all
-    of it), and raise the same one-line ValueError on every rank if any file is missing or changed (the first
-    failing rank's), so no rank waits in a collective for a failed one. The main rank also looks for unlisted files."""
-    problem = None
+def verify_checkpoint(path: Path, ctx: ParallelContext) -> list[str]:
+    """Check the checkpoint's files against its manifest, shared out over the ranks (`verify_shares`: each rank its
+    own shard file, so a resume reads the checkpoint once in parallel instead of the main rank reading all of it),
+    and raise the same one-line ValueError on every rank if any file is missing or changed (the first failing rank's),
+    so no rank waits in a collective for a failed one. The main rank also looks for unlisted files.
+
+    Returns the files of this rank's share whose checksums are left to the load, which hashes them as it reads them
+    (`checked_while_loading`: its own shard file when resuming with as many ranks); here they are only found present.
+    """
+    problem, deferred = None, []
     try:
-        share = verify_shares(read_manifest(path)["files"], ctx.env.world_size)[ctx.env.rank]
-        verify_manifest(path, share, unlisted=ctx.is_main)
+        manifest = read_manifest(path)
+        share = verify_shares(manifest["files"], ctx.env.world_size)[ctx.env.rank]
+        deferred = [n for n in checked_while_loading(manifest, ctx.env.rank, ctx.env.world_size) if n in share]
+        verify_manifest(path, [n for n in share if n not in deferred], unlisted=ctx.is_main, present=deferred)
     except ValueError as err:
         problem = str(err)
     if ctx.env.distributed:
@@ -310,6 +322,7 @@ def verify_checkpoint(path: Path, ctx: ParallelContext) -> None:
         problem = next((p for p in problems if p), None)
     if problem:
         raise ValueError(problem)
+    return deferred
 
 
 def gather_to_main(value: Any, ctx: ParallelContext) -> list[Any]:

@@ -216,3 +216,25 @@ def test_warning_signal_saves_requeues_and_resumes(uninterrupted, tmp_path):
     assert losses(run_dir) == losses(uninterrupted)
     for checkpoints in tmp_path.glob("run*/checkpoints"):  # tmp_path is kept by pytest; shards are the bulk of it
         shutil.rmtree(checkpoints)
+
+
+@pytest.mark.slow
+def test_srun_tasks_without_torchrun_train_the_same(cluster, uninterrupted, tmp_path):
+    # srun starting each process itself, one task per process (no torchrun): the workers take their ranks from
+    # SLURM_PROCID, SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE, and the port from the job id. The emulated nodes'
+    # names do not resolve here, so the address is exported, as a cluster whose node names resolve would not need.
+    run_dir = tmp_path / "srun"
+    overrides = [*RUN, "--checkpoint.every=0", "--checkpoint.save_final=false", f"--train.out_dir={run_dir}"]
+    srun = ["srun", "--nodes=2", "--ntasks-per-node=2", "--export=ALL,MASTER_ADDR=127.0.0.1,OMP_NUM_THREADS=1"]
+    result = subprocess.run(
+        [*srun, sys.executable, "-m", "bigmodel.train", "--config", TINY, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1, "one task (global rank 0) prints the summary"
+    assert len(json.loads((run_dir / "memory.json").read_text())) == 4, "4 tasks over 2 nodes"
+    # The same 4 ranks, layout, seed and batches as the torchrun job; only who starts the processes differs.
+    assert losses(run_dir) == losses(uninterrupted)

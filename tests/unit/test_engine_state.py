@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
 import sys
 
 import pytest
@@ -174,3 +176,43 @@ def test_records_are_stored_smallest_first(tmp_path):
         chunk = getattr(stored, "chunks", None)
         sizes.append(0 if chunk is None else chunk[0].sizes.numel() * stored.properties.dtype.itemsize)
     assert sizes == sorted(sizes) and sizes[0] == 0 and sizes[-1] > 1000, sizes[:5]
+
+
+def test_a_resume_checks_its_own_shard_as_it_loads_it(tmp_path, monkeypatch):
+    """Resuming in the layout that saved, a rank's own shard file is hashed by the load's prefetch as it reads the
+    file, not in a pass of its own before (read once, not twice); a corrupt or truncated shard still stops the resume
+    with verify_manifest's one-line error, also where the prefetch would have been skipped for memory."""
+    from bigmodel.checkpoint import sharded
+    from bigmodel.train.loop import verify_checkpoint
+
+    engine = trained_engine(seed=0, steps=1)
+    ckpt = tmp_path / "ckpt"
+    save_sharded(ckpt, engine, {"step": 1})
+    hashed_first = []
+    real_digest = sharded._digest
+    monkeypatch.setattr(
+        sharded, "_digest", lambda file, algorithm: hashed_first.append(file.name) or real_digest(file, algorithm)
+    )
+    checked = verify_checkpoint(ckpt, engine.ctx)
+    assert checked == ["__0_0.distcp"] and hashed_first == [".metadata"]
+    assert load_sharded(ckpt, engine, checked) == {"step": 1}
+
+    shard = ckpt / "__0_0.distcp"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes: it loads, and only the checksum can tell
+    shard.write_bytes(bytes(data))
+    line = f"checkpoint {ckpt}: __0_0.distcp does not match its xxh3_128 checksum in manifest.json"
+    assert verify_checkpoint(ckpt, engine.ctx) == checked  # the corrupt file is left to the load
+    with pytest.raises(ValueError, match="^" + re.escape(line)):
+        load_sharded(ckpt, engine, checked)
+    assert load_sharded(ckpt, engine) == {"step": 1}  # unchecked, the same bytes load
+    monkeypatch.setattr(os, "sysconf", lambda name: 1)  # no free memory: no prefetch, unless a file is to be hashed
+    with pytest.raises(ValueError, match="^" + re.escape(line)):
+        load_sharded(ckpt, engine, checked)
+    shard.write_bytes(good[: len(good) // 2])  # fails to parse first ("cut short"): the checksum names the cause
+    with pytest.raises(ValueError, match="^" + re.escape(line)):
+        load_sharded(ckpt, engine, checked)
+    shard.unlink()  # a missing own shard is found before anything loads, by every rank together
+    with pytest.raises(ValueError, match=re.escape("__0_0.distcp is missing")):
+        verify_checkpoint(ckpt, engine.ctx)
