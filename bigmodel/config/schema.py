@@ -244,6 +244,12 @@ class LogConfig:
     pp_timeline_steps: int = Field(1, ge=1)
     """How many consecutive steps to record from log.pp_timeline_step; timeline_summary.json lists each step's idle
     fraction and reports their median (the picture and trace show the median step)."""
+    profile_step: int = Field(0, ge=0)
+    """Profile this step and the next log.profile_steps - 1 with torch.profiler (0: never; the first steps are slower
+    than the rest, so 3 or later): a trace (Chrome / Perfetto) and a per-operator table per rank in
+    <out_dir>/profile/."""
+    profile_steps: int = Field(1, ge=1)
+    """How many consecutive steps log.profile_step profiles."""
 
 
 @dataclass(config=SECTION_CONFIG)

@@ -121,6 +121,12 @@ def check_schedule(cfg: Config) -> None:
             f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}; lower it (e.g. to "
             f"{max(0, t.steps // 10)})"
         )
+    for field in ("profile_step", "pp_timeline_step"):
+        if getattr(cfg.log, field) > t.steps:
+            raise ConfigError(
+                f"log.{field}={getattr(cfg.log, field)} is after the last step (train.steps={t.steps}); choose a step "
+                f"from 1 to {t.steps}, or 0 for none"
+            )
 
 
 def check_data(cfg: Config) -> None:

@@ -34,6 +34,7 @@ from bigmodel.parallel.context import ParallelContext, setup_parallel
 from bigmodel.parallel.timeline import write_timeline
 from bigmodel.train.evaluate import evaluate
 from bigmodel.train.metrics import MetricsLogger, NullLogger, measure_matmul_peak
+from bigmodel.train.profile import StepProfiler
 from bigmodel.train.runtime import configure_threads, seed_everything, set_deterministic
 from bigmodel.train.stop import StopRequest
 
@@ -115,6 +116,10 @@ class Trainer:
         """Per recorded pipeline step, each pipeline rank's timeline events (log.pp_timeline_step)."""
         self.stopped_by: str | None = None
         self.pending: PendingSave | None = None  # a background save still being written
+        log = cfg.log
+        self.profiler = StepProfiler(
+            log.profile_step, log.profile_steps, cfg.train.steps, run_dir / "profile", ctx.env.rank, ctx.is_main
+        )
         # Background saves run their collectives on a group of their own, so they never interleave with training's.
         background = cfg.checkpoint.async_save and ctx.env.distributed
         self.checkpoint_group = torch.distributed.new_group(backend="gloo") if background else None
@@ -263,7 +268,8 @@ class Trainer:
             timeline = self.recording_timeline(step)
             if timeline:
                 self.engine.timeline.recording = True
-            stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
+            with self.profiler.step(step):
+                stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
             if timeline:
                 self.collect_timeline(step)
             if step == start_step + 1:

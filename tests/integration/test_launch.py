@@ -45,10 +45,11 @@ def test_dry_run_prints_the_torchrun_command():
 @pytest.mark.slow
 def test_four_process_job_matches_one_process(tmp_path):
     out = tmp_path / "dp2tp2"
-    layout = ["--parallel.dp_shard=2", "--parallel.tp=2"]
+    layout = ["--parallel.dp_shard=2", "--parallel.tp=2", "--log.profile_step=3"]  # profiling changes no number
     result = bigmodel("launch", "--nproc", "4", "--config", TINY, *layout, *COMMON, f"--train.out_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run directory:") == 1, "only rank 0 prints the summary"
+    assert sorted(p.name for p in (out / "profile").glob("*.json.gz")) == [f"rank{r}.json.gz" for r in range(4)]
 
     single = train(load_config(TINY, [*COMMON, f"--train.out_dir={tmp_path / 'single'}"]))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

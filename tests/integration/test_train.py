@@ -118,3 +118,29 @@ def test_resuming_a_different_model_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError) as info:
         train(tiny(tmp_path / "b", "--train.steps=4", "--model.text_layers=3", f"--checkpoint.resume={checkpoint}"))
     assert "model.text_layers=2 there, 3 here" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_profiled_steps_write_a_trace_and_change_nothing(tmp_path):
+    import gzip
+
+    common = ["--train.steps=4", "--log.every=1", "--train.deterministic=true"]
+    train(tiny(tmp_path / "plain", *common))
+    train(tiny(tmp_path / "profiled", *common, "--log.profile_step=2", "--log.profile_steps=2"))
+    losses = [
+        [r["loss"] for r in read_jsonl(tmp_path / run / "run" / "metrics.jsonl")] for run in ("plain", "profiled")
+    ]
+    assert losses[0] == losses[1], "profiling only observes"
+    profile = tmp_path / "profiled" / "run" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["rank0.json.gz", "rank0.txt"]
+    events = json.loads(gzip.decompress((profile / "rank0.json.gz").read_bytes()))["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"step 2", "step 3"} <= names and "step 1" not in names and "step 4" not in names
+    assert "aten::addmm" in names  # the operators inside the steps
+    assert "Self CPU" in (profile / "rank0.txt").read_text()
+
+
+def test_a_profile_step_after_the_last_step_is_a_one_line_error(tmp_path):
+    from bigmodel.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^log.profile_step=9 is after the last step \(train.steps=4\)"):
+        tiny(tmp_path, "--train.steps=4", "--log.profile_step=9")
