@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     from bigmodel.parallel.launch import (
         DeepSpeedSpec,
         TorchrunSpec,
+        check_ssh,
         deepspeed_command,
         printable,
+        read_hostfile,
         restart_environment,
         threads_per_process,
         torchrun_command,
@@ -110,4 +112,6 @@ def run(args: argparse.Namespace) -> int:
             "the deepspeed launcher starts the other hosts with pdsh, which is not installed here: install it "
             "(apt-get install pdsh), or run the command on every node with --node-rank R --rdzv-endpoint HOST:PORT"
         )
+    if over_ssh:
+        check_ssh(list(read_hostfile(args.hostfile))[: args.nnodes], args.hostfile)
     return subprocess.run(cmd, env={**os.environ, **env}).returncode

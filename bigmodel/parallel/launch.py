@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,31 @@ def read_hostfile(path: str) -> dict[str, int]:
     if not hosts:
         raise ValueError(f"{path} lists no hosts; write one 'HOST slots=N' line per node")
     return hosts
+
+
+def check_ssh(hosts: list[str], hostfile: str, timeout_s: int = 10) -> None:
+    """Raise ValueError (one line) naming the first of `hosts` that `ssh` cannot reach without a password. The
+    deepspeed launcher checks only the first host; an unreachable other one would leave the reachable hosts' workers
+    waiting at the rendezvous until its timeout. The hosts are tried at once, each for at most `timeout_s`."""
+    base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout_s}"]
+    tries = [
+        (host, subprocess.Popen([*base, host, "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True))
+        for host in hosts
+    ]  # fmt: skip
+    failed = []
+    for host, ssh in tries:
+        _, err = ssh.communicate()
+        if ssh.returncode != 0:
+            failed.append((host, (err.strip().splitlines() or [f"exit status {ssh.returncode}"])[-1]))
+    if failed:
+        host, reason = failed[0]
+        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise ValueError(
+            f"cannot reach {host}{others} of {hostfile} over ssh without a password ({reason}); the deepspeed "
+            f"launcher starts every host that way: make `ssh {host} true` work from here, or run the command on "
+            "every node with --node-rank R --rdzv-endpoint HOST:PORT"
+        )
 
 
 def _is_this_machine(host: str) -> bool:

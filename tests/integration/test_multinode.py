@@ -140,6 +140,21 @@ def test_deepspeed_launcher_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_ho
     assert losses(tmp_path / "ssh") == one_node
 
 
+def test_an_unreachable_host_is_a_one_line_error_before_anything_starts(tmp_path, ssh_hosts):
+    # The deepspeed launcher checks only the first host; bigmodel launch checks every host it will use, at once.
+    env, _ = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=2\nnohost.invalid slots=2\n")
+    node = launch(
+        "--launcher", "deepspeed", "--hostfile", str(hostfile), "--nnodes", "2", "--nproc", "2",
+        f"--train.out_dir={tmp_path / 'run'}", env=env,
+    )  # fmt: skip
+    _, err = node.communicate(timeout=120)
+    assert node.returncode == 2
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot reach nohost.invalid of {hostfile} over ssh")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
 def test_mpirun_starts_two_hosts_over_ssh(tmp_path, one_node, ssh_hosts, mpi):
