@@ -294,6 +294,7 @@ class Trainer:
             stopped_at = self.stop_requested(step, checkpoint) if step < cfg.steps else None
             if stopped_at is not None:
                 bar.close()
+                self.profiler.close()
                 return TrainResult(self.run_dir, stats.loss, before, {}, stopped_at, self.stopped_by)
         bar.close()
         final = step_folder(self.run_dir, cfg.steps)

@@ -21,10 +21,12 @@ class StepProfiler:
         self.first, self.last = first, min(first + count - 1, last)
         self.out_dir, self.rank, self.is_main = out_dir, rank, is_main
         self.profiler: profile | None = None
+        self.profiled: list[int] = []
 
     @contextlib.contextmanager
     def step(self, step: int):
-        """The block runs step `step`, profiled if it is one of the chosen steps."""
+        """The block runs step `step`, profiled if it is one of the chosen steps. A step that raises ends the
+        profile there, and what was recorded is written (the trace of the failing step included)."""
         if not self.first or not self.first <= step <= self.last:
             yield
             return
@@ -33,9 +35,20 @@ class StepProfiler:
             activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
             self.profiler = profile(activities=activities, record_shapes=True)
             self.profiler.start()
-        with record_function(f"step {step}"):
-            yield
+        self.profiled.append(step)
+        try:
+            with record_function(f"step {step}"):
+                yield
+        except BaseException:
+            self.close()
+            raise
         if step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        """Write what has been profiled, if a profile is still open: after the last chosen step, or where the run
+        ends before it (a stop signal, an error)."""
+        if self.profiler is not None:
             self._write()
 
     def _write(self) -> None:
@@ -47,7 +60,8 @@ class StepProfiler:
         table.write_text(self.profiler.key_averages().table(sort_by=by, row_limit=40) + "\n", encoding="utf-8")
         self.profiler = None
         if self.is_main:
-            steps = f"step {self.first}" if self.first == self.last else f"steps {self.first}-{self.last}"
+            first, last = self.profiled[0], self.profiled[-1]
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
             print(
                 f"profile of {steps}: {self.out_dir} (rank<r>.json.gz: trace for ui.perfetto.dev; rank<r>.txt: "
                 "operators by self time)",

@@ -139,6 +139,28 @@ def test_profiled_steps_write_a_trace_and_change_nothing(tmp_path):
     assert "Self CPU" in (profile / "rank0.txt").read_text()
 
 
+def test_a_failing_profiled_step_still_writes_the_trace(tmp_path, monkeypatch):
+    import gzip
+
+    from bigmodel.engines.native import NativeEngine
+
+    calls = []
+    real = NativeEngine.train_step
+
+    def failing(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("step 3 failed")
+        return real(self, batch)
+
+    monkeypatch.setattr(NativeEngine, "train_step", failing)
+    with pytest.raises(RuntimeError, match="step 3 failed"):
+        train(tiny(tmp_path, "--train.steps=5", "--log.profile_step=2", "--log.profile_steps=3"))
+    trace = gzip.decompress((tmp_path / "run" / "profile" / "rank0.json.gz").read_bytes())
+    names = {e.get("name") for e in json.loads(trace)["traceEvents"]}
+    assert {"step 2", "step 3"} <= names and "step 4" not in names
+
+
 def test_a_profile_step_after_the_last_step_is_a_one_line_error(tmp_path):
     from bigmodel.config import ConfigError
 
