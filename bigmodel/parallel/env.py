@@ -174,6 +174,7 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float 
             f"MASTER_ADDR is not set and {env.launcher} does not say where rank 0 runs; "
             "export MASTER_ADDR=<first node's address> (and MASTER_PORT) before starting the job"
         )
+    check_resolves(env)
     for name, value in (
         ("MASTER_ADDR", env.master_addr),
         ("MASTER_PORT", env.master_port),
@@ -186,6 +187,24 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else collective_timeout_s())
     dist.init_process_group(backend, timeout=timeout)
+
+
+def check_resolves(env: DistEnv) -> None:
+    """Raise ValueError (one line) if rank 0's address does not resolve here: every rank would otherwise retry its
+    connection until the collective timeout (10 minutes by default) and end with a traceback."""
+    import socket
+
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port)
+    except (socket.gaierror, UnicodeError) as err:
+        if os.environ.get("MASTER_ADDR"):
+            source = "from MASTER_ADDR"
+        else:
+            source = f"the first node of the {env.launcher} step (SLURM_STEP_NODELIST)"
+        raise ValueError(
+            f"rank 0's address {env.master_addr!r}, {source}, does not resolve on this node ({err.strerror or err}); "
+            "export MASTER_ADDR=<rank 0's node address> (for a Slurm node: the NodeAddr of `scontrol show node NAME`)"
+        ) from None
 
 
 def exit_distributed(code: int = 0) -> None:

@@ -238,3 +238,25 @@ def test_srun_tasks_without_torchrun_train_the_same(cluster, uninterrupted, tmp_
     assert len(json.loads((run_dir / "memory.json").read_text())) == 4, "4 tasks over 2 nodes"
     # The same 4 ranks, layout, seed and batches as the torchrun job; only who starts the processes differs.
     assert losses(run_dir) == losses(uninterrupted)
+
+    # Without the export, the first node's name (node1) does not resolve here: every task stops at once with one
+    # line saying what to export, instead of retrying its connection for the collective timeout (10 minutes).
+    srun[-1] = "--export=ALL,OMP_NUM_THREADS=1"
+    result = subprocess.run(
+        [
+            *srun,
+            sys.executable,
+            "-m",
+            "bigmodel.train",
+            "--config",
+            TINY,
+            *overrides[:-1],
+            f"--train.out_dir={run_dir}2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "error: rank 0's address 'node1', the first node of the slurm step" in result.stderr, result.stderr[-2000:]

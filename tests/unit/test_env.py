@@ -151,6 +151,19 @@ def test_multi_node_mpi_without_master_addr_fails_at_init(environ):
         init_distributed(read_dist_env())
 
 
+def test_an_address_that_does_not_resolve_fails_at_init_in_one_line(environ):
+    # Without this check every rank retries its connection until the collective timeout (10 minutes) and ends
+    # with a traceback. ".invalid" never resolves (RFC 2606).
+    from bigmodel.parallel.env import init_distributed
+
+    environ(SLURM_STEP | {"SLURM_STEP_NODELIST": "gpu-a.invalid,gpu-b.invalid"})
+    with pytest.raises(ValueError, match=r"^rank 0's address 'gpu-a.invalid', the first node of the slurm step"):
+        init_distributed(read_dist_env())
+    environ(TORCHRUN | {"MASTER_ADDR": "nohost.invalid"})
+    with pytest.raises(ValueError, match=r"^rank 0's address 'nohost.invalid', from MASTER_ADDR, does not resolve"):
+        init_distributed(read_dist_env())
+
+
 def test_malformed_variable_is_one_line(environ):
     environ(TORCHRUN | {"RANK": "three"})
     with pytest.raises(ValueError, match=r"RANK='three' is not an integer"):
