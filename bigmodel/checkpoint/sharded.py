@@ -575,8 +575,7 @@ def _own_files(path: Path, manifest: dict[str, Any]) -> list[Path]:
     """The shard files this rank will read: its own where the checkpoint was saved by as many ranks (a resume), else
     none known before planning (a reshard, which reads parts of several)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    own = path / shard_file(rank)
-    return [own] if manifest.get("world_size") == world and own.is_file() else []
+    return [path / name for name in checked_while_loading(manifest, rank, world) if (path / name).is_file()]
 
 
 def shard_file(rank: int) -> str:

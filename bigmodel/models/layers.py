@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module
 from torch.utils.checkpoint import checkpoint
 
 # On CPU in bf16/fp16, torch 2.13's flash-attention kernel (what SDPA picks) is 2-4x slower than the math path for
@@ -62,14 +63,17 @@ def plain_linears(*linears: nn.Linear) -> bool:
 def _global_module_hooks() -> bool:
     """Whether any hook registered for every module (`nn.modules.module.register_module_forward_hook` and the like)
     is in place."""
-    from torch.nn.modules import module
-
     return bool(
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
     )
+
+
+def _parameters(*linears: nn.Linear) -> list[torch.Tensor]:
+    """Each layer's weight, then its bias, in order: the arguments SharedInputProjections takes after its input."""
+    return [p for m in linears for p in (m.weight, m.bias)]
 
 
 def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -135,14 +139,13 @@ class Attention(nn.Module):
         source = x if context is None else context
         b, t, _ = x.shape
         s = source.shape[1]
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if plain_linears(*projections) and context is None:
-            q, k, v = SharedInputProjections.apply(x, *(p for m in projections for p in (m.weight, m.bias)))
-        elif plain_linears(*projections):
-            q = self.q_proj(x)
-            k, v = SharedInputProjections.apply(context, *(p for m in projections[1:] for p in (m.weight, m.bias)))
-        else:
+        if not plain_linears(self.q_proj, self.k_proj, self.v_proj):
             q, k, v = self.q_proj(x), self.k_proj(source), self.v_proj(source)
+        elif context is None:
+            q, k, v = SharedInputProjections.apply(x, *_parameters(self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q = self.q_proj(x)
+            k, v = SharedInputProjections.apply(context, *_parameters(self.k_proj, self.v_proj))
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)

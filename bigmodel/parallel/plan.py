@@ -323,7 +323,7 @@ def block_activation_bytes(
     fp32 also under autocast), both norms' outputs (4D each), q, k and v (12D), the attention output regrouped for
     out_proj (4D), the MLP's hidden before and after the activation (8F), the attention's log-sum-exp (4h) and the
     norms' statistics (16). Under bf16 autocast every matmul saves a bf16 copy of its input: the first norm's output
-    once for q, k and v together (`SelfAttentionProjections`); the rest halves, and the matmul weights' bf16 copies
+    once for q, k and v together (`SharedInputProjections`); the rest halves, and the matmul weights' bf16 copies
     are saved too (counted in `weight_cast_bytes`). Tensor parallelism splits the per-head and MLP-hidden parts;
     sequence parallelism also the fp32 residuals.
 
