@@ -224,15 +224,14 @@ def test_srun_tasks_without_torchrun_train_the_same(cluster, uninterrupted, tmp_
     # SLURM_PROCID, SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE, and the port from the job id. The emulated nodes'
     # names do not resolve here, so the address is exported, as a cluster whose node names resolve would not need.
     run_dir = tmp_path / "srun"
-    overrides = [*RUN, "--checkpoint.every=0", "--checkpoint.save_final=false", f"--train.out_dir={run_dir}"]
-    srun = ["srun", "--nodes=2", "--ntasks-per-node=2", "--export=ALL,MASTER_ADDR=127.0.0.1,OMP_NUM_THREADS=1"]
-    result = subprocess.run(
-        [*srun, sys.executable, "-m", "bigmodel.train", "--config", TINY, *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def srun(export: str, out_dir: Path, timeout: int) -> subprocess.CompletedProcess:
+        tasks = ["srun", "--nodes=2", "--ntasks-per-node=2", f"--export=ALL,{export}OMP_NUM_THREADS=1"]
+        train = [sys.executable, "-m", "bigmodel.train", "--config", TINY, *RUN, "--checkpoint.every=0"]
+        train += ["--checkpoint.save_final=false", f"--train.out_dir={out_dir}"]
+        return subprocess.run([*tasks, *train], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    result = srun("MASTER_ADDR=127.0.0.1,", run_dir, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run directory:") == 1, "one task (global rank 0) prints the summary"
     assert len(json.loads((run_dir / "memory.json").read_text())) == 4, "4 tasks over 2 nodes"
@@ -241,22 +240,6 @@ def test_srun_tasks_without_torchrun_train_the_same(cluster, uninterrupted, tmp_
 
     # Without the export, the first node's name (node1) does not resolve here: every task stops at once with one
     # line saying what to export, instead of retrying its connection for the collective timeout (10 minutes).
-    srun[-1] = "--export=ALL,OMP_NUM_THREADS=1"
-    result = subprocess.run(
-        [
-            *srun,
-            sys.executable,
-            "-m",
-            "bigmodel.train",
-            "--config",
-            TINY,
-            *overrides[:-1],
-            f"--train.out_dir={run_dir}2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = srun("", tmp_path / "srun2", timeout=300)
     assert result.returncode != 0
     assert "error: rank 0's address 'node1', the first node of the slurm step" in result.stderr, result.stderr[-2000:]
