@@ -25,8 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigmodel.bench.common import ROOT, Figure, interleaved, median, paired_ratio, run_workers
 from bigmodel.config import Config, load_config
-from bigmodel.parallel import collectives
-from bigmodel.parallel.plan import (
+from bigmodel.parallel.gloo import collectives
+from bigmodel.tools.plan import (
     Layout,
     dp_comm_bytes,
     loss_comm_bytes,
@@ -60,7 +60,7 @@ def planner_layout(cfg: Config) -> Layout:
 class CollectiveCounter(TorchDispatchMode):
     """Counts every collective issued while active, as the bytes one rank sends in the ring algorithm of each (the
     same cost model as the planner's `ring`): c10d (torch.distributed calls: the losses, gloo's fallbacks) and
-    functional (DTensor, funcol) operations at dispatch, and `bigmodel.parallel.collectives`' all-gathers and
+    functional (DTensor, funcol) operations at dispatch, and `bigmodel.parallel.gloo.collectives`' all-gathers and
     reduce-scatters (ZeroOptimizer, FSDP2 on gloo) as they report themselves, whether shared memory or
     point-to-point messages carry them. Waits and autograd wrappers are not collectives and are skipped."""
 
@@ -222,7 +222,7 @@ def _deepspeed_engine(cfg: Config, ctx, keep_gathered: bool = True, persistence_
 
     from bigmodel.losses import active_objectives
     from bigmodel.models import build_model
-    from bigmodel.train.optim import build_optimizer
+    from bigmodel.optim import build_optimizer
 
     model = build_model(cfg.model, active_objectives(cfg.train.loss_weights), cfg.train.seed)
     micro = cfg.train.global_batch_size // ctx.dims.dp
@@ -311,7 +311,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from bigmodel.engines import build_engine
     from bigmodel.parallel.context import setup_parallel
     from bigmodel.parallel.env import exit_distributed
-    from bigmodel.parallel.verify import layout_overrides
+    from bigmodel.tools.verify import layout_overrides
 
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--config", required=True)

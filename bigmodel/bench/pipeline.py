@@ -9,6 +9,7 @@ grows with width^2 x blocks.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -77,6 +78,41 @@ def pipeline_bubble(quick: bool = False) -> Figure:
         direction="<=",
         baseline={"label": "theory", "value": summary["theoretical_bubble"], "unit": "fraction"},
         candidate={"label": "measured", "value": summary["measured_bubble"], "unit": "fraction"},
-        command=f"python bench/pipeline_bubble.py --microbatches {microbatches} --microbatch-size {size}",
+        command=f"python -m bigmodel.bench.pipeline --microbatches {microbatches} --microbatch-size {size}",
         details={k: v for k, v in summary.items() if k not in ("measured_bubble", "theoretical_bubble")},
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Pipeline bubble: measured idle fraction against (p - 1) / (m + p - 1).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default="runs/bench-bubble")
+    parser.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--microbatch-size", type=int, default=32, help="samples per microbatch (compute per op)")
+    parser.add_argument("--width", type=int, default=512, help="width of both towers")
+    parser.add_argument("--layers", type=int, default=8, help="blocks per tower (one tower per stage)")
+    parser.add_argument("--steps", type=int, default=3, help="steps recorded after 2 warm-up steps (median reported)")
+    args = parser.parse_args()
+    try:
+        summary = run_bubble(
+            Path(args.out),
+            args.schedule,
+            args.microbatches,
+            args.microbatch_size,
+            False,
+            args.width,
+            args.layers,
+            args.steps,
+        )
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,10 +50,10 @@ def trainer_overhead(quick: bool = False) -> Figure:
     the same model, data loader, loss, clipping and AdamW; both on one process, fp32, interleaved."""
     from bigmodel.data import build_train_loader
     from bigmodel.engines import build_engine
+    from bigmodel.optim import build_optimizer
     from bigmodel.parallel.context import setup_parallel
     from bigmodel.train.loop import Trainer
     from bigmodel.train.metrics import NullLogger
-    from bigmodel.train.optim import build_optimizer
 
     with tempfile.TemporaryDirectory(prefix="bigmodel-bench-") as tmp:
         cfg = trainer_config(quick, Path(tmp))
@@ -140,7 +140,7 @@ def model_speed(quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf1
     for both models."""
     from transformers import CLIPModel
 
-    from bigmodel.checkpoint.hf import bigmodel_to_clip_state_dict, clip_config_from_model_config
+    from bigmodel.hf.clip import bigmodel_to_clip_state_dict, clip_config_from_model_config
 
     shape = ClipShape.for_mode(quick)
     cfg = shape.model_config()

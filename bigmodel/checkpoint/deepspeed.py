@@ -170,11 +170,11 @@ class ZeroCheckpoint:
             self._init_partitioned(folder)
 
     def _init_stage0(self) -> None:
-        from bigmodel.train.optim import decays
+        from bigmodel.optim import decays
 
         module, optim = self.states["module"], self.states["optimizer"]
         # torch numbers the parameters of its state_dict through the groups in order; bigmodel's groups are the
-        # decayed parameters, then the others, each in module order (bigmodel.train.optim.build_optimizer).
+        # decayed parameters, then the others, each in module order (bigmodel.optim.build_optimizer).
         order = [[n for n, t in module.items() if decays(n, t) == wanted] for wanted in (True, False)]
         self.groups = [{n: module[n].shape for n in names} for names in order]
         self.hyper = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]

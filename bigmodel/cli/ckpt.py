@@ -130,14 +130,14 @@ def run_consolidate(args: argparse.Namespace) -> int:
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
-    from bigmodel.checkpoint.tools import export_hf
+    from bigmodel.hf.convert import export_hf
 
     print(f"wrote {export_hf(args.path, args.out)}")
     return 0
 
 
 def run_import_hf(args: argparse.Namespace) -> int:
-    from bigmodel.checkpoint.tools import import_hf
+    from bigmodel.hf.convert import import_hf
 
     print(f"wrote {import_hf(args.hf_dir, args.out, args.tokenizer)}")
     return 0

@@ -68,8 +68,7 @@ def training_arguments(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from bigmodel.config import load_config
-    from bigmodel.parallel.dims import ParallelDims
-    from bigmodel.parallel.launch import (
+    from bigmodel.launch.commands import (
         DeepSpeedSpec,
         TorchrunSpec,
         check_ssh,
@@ -80,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         threads_per_process,
         torchrun_command,
     )
+    from bigmodel.parallel.dims import ParallelDims
 
     # A bad config or a layout that does not fit the processes fails here, once, not in every worker.
     worker_args = training_arguments(args)

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bigmodel.parallel.plan import Cluster, format_plan, parse_bytes, plan_layouts, plan_to_dict
+    from bigmodel.tools.plan import Cluster, format_plan, parse_bytes, plan_layouts, plan_to_dict
 
     cfg = config_from_args(args)
     nodes = args.nodes or max(1, args.gpus // 8)

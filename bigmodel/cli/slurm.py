@@ -1,4 +1,4 @@
-"""`bigmodel slurm submit|status|cancel`: training runs as Slurm batch jobs (library: bigmodel.parallel.slurm)."""
+"""`bigmodel slurm submit|status|cancel`: training runs as Slurm batch jobs (library: bigmodel.launch.slurm)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from bigmodel.parallel import slurm
+    from bigmodel.launch import slurm
 
     job = slurm.SlurmJob(
         config=args.config,
@@ -134,7 +134,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from bigmodel.parallel import slurm
+    from bigmodel.launch import slurm
 
     try:
         info = slurm.job_status(args.job_id)
@@ -148,7 +148,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from bigmodel.parallel import slurm
+    from bigmodel.launch import slurm
 
     try:
         slurm.cancel(args.job_id, args.signal)

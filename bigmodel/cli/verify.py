@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from bigmodel.parallel.verify import format_table, verify
+    from bigmodel.tools.verify import format_table, verify
 
     layouts = [name for name in args.layouts.split(",") if name]
     with tempfile.TemporaryDirectory(prefix="bigmodel-verify-") as workdir:

@@ -1,9 +1,9 @@
-"""Training engines behind one interface."""
+"""Training engines behind one interface: "native" (the bigmodel.parallel stack, with its pipeline variant) and
+"deepspeed"."""
 
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import Engine, StepStats
 from bigmodel.engines.native import NativeEngine
-from bigmodel.engines.native import build_engine as build_native_engine
 from bigmodel.parallel.context import ParallelContext
 
 __all__ = ["Engine", "NativeEngine", "StepStats", "build_engine"]
@@ -15,4 +15,8 @@ def build_engine(cfg: Config, ctx: ParallelContext) -> Engine:
         from bigmodel.engines.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, ctx)
-    return build_native_engine(cfg, ctx)
+    if ctx.dims.pp > 1:
+        from bigmodel.engines.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, ctx)
+    return NativeEngine(cfg, ctx)

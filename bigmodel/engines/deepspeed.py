@@ -26,9 +26,9 @@ from bigmodel.config.errors import ConfigError
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import Engine, StepStats
 from bigmodel.losses import active_objectives, total_loss
+from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.env import DistEnv
-from bigmodel.train.optim import build_optimizer, build_scheduler
 
 # DeepSpeed keys whose value bigmodel derives from its own config: a user's JSON may repeat them, not change them.
 # Each maps to the bigmodel field to change instead.

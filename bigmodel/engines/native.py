@@ -15,13 +15,13 @@ from torch.distributed.tensor import DTensor
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import Engine, StepStats
 from bigmodel.losses import active_objectives, total_loss
+from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.data_parallel import ZeroOptimizer
 from bigmodel.parallel.grad_norm import clip_grad_norm_
 from bigmodel.parallel.memory import model_state_bytes
 from bigmodel.parallel.parallelize import build_parallel_model
 from bigmodel.parallel.tensor_parallel import align_gradients, loss_context
-from bigmodel.train.optim import build_optimizer, build_scheduler
 
 
 class NativeEngine(Engine):
@@ -151,12 +151,3 @@ class NativeEngine(Engine):
         """This rank's bytes of parameters, gradients and optimizer state (call between backward and zero_grad,
         or after a step for parameters and optimizer state)."""
         return model_state_bytes(self.model, self.zero or self.optimizer)
-
-
-def build_engine(cfg: Config, ctx: ParallelContext) -> Engine:
-    """The engine for cfg.engine and the layout (validation has already refused what is not available)."""
-    if ctx.dims.pp > 1:
-        from bigmodel.engines.pipeline import PipelineEngine
-
-        return PipelineEngine(cfg, ctx)
-    return NativeEngine(cfg, ctx)

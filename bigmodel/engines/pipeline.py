@@ -23,13 +23,13 @@ from bigmodel.config.schema import Config
 from bigmodel.engines.base import StepStats
 from bigmodel.engines.native import NativeEngine
 from bigmodel.losses import active_objectives, total_loss
+from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.data_parallel import ZeroOptimizer
 from bigmodel.parallel.grad_norm import clip_grad_norm_
 from bigmodel.parallel.parallelize import parallelize_module_parts
 from bigmodel.parallel.pipeline import INPUT_KEYS, PipelineStageModel, plan_stages, stages_per_rank
 from bigmodel.parallel.tensor_parallel import loss_context
-from bigmodel.train.optim import build_optimizer, build_scheduler
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,

@@ -60,7 +60,7 @@ def _exported(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if raw.get("model_type") == "clip":
         from transformers import CLIPConfig
 
-        from bigmodel.checkpoint.hf import bigmodel_key, model_config_from_clip_config
+        from bigmodel.hf.clip import bigmodel_key, model_config_from_clip_config
 
         cfg = model_config_from_clip_config(CLIPConfig.from_dict(raw))
 

@@ -2,7 +2,7 @@
 
 Read top to bottom: towers, fusion, heads, then `MultimodalEncoder`, whose forward returns what the losses in
 `bigmodel.losses` need. With fusion `none` the towers, projections and logit scale map one to one onto
-transformers' CLIPModel (see `bigmodel.checkpoint.hf`).
+transformers' CLIPModel (see `bigmodel.hf.clip`).
 """
 
 from __future__ import annotations

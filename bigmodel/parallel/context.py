@@ -8,8 +8,7 @@ import torch
 
 from bigmodel.config.schema import Config
 from bigmodel.parallel.dims import Meshes, ParallelDims
-from bigmodel.parallel.env import DistEnv, init_distributed, read_dist_env
-from bigmodel.train.runtime import default_device
+from bigmodel.parallel.env import DistEnv, default_device, init_distributed, read_dist_env
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ its local tensor, and sharded or reduced only across the data-parallel group). A
   flattened local tensor (chunks of ceil(numel / dp) elements, the last ones padded or empty) and updates only that
   chunk; `step` all-gathers the updated chunks into every rank's parameters.
 - stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed
-  (`bigmodel.parallel.collectives.reduce_scatter_sum`).
+  (`bigmodel.parallel.gloo.collectives.reduce_scatter_sum`).
 
 On gloo the all-reduce, reduce-scatter and all-gather go through shared memory between the ranks of a host
-(`bigmodel.parallel.collectives`; docs/parallelism.md).
+(`bigmodel.parallel.gloo.collectives`; docs/parallelism.md).
 
 AdamW holds each owned chunk as an nn.Parameter that is a view into the model parameter's storage, so there is no
 second copy of the weights and ZeRO's memory accounting holds (bigmodel/parallel/memory.py). Collectives run on
@@ -35,9 +35,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import TrainConfig
-from bigmodel.parallel.collectives import all_gather_into, all_reduce_sum, reduce_scatter_sum
+from bigmodel.optim import decays
+from bigmodel.parallel.gloo.collectives import all_gather_into, all_reduce_sum, reduce_scatter_sum
 from bigmodel.parallel.grad_norm import GradPiece, as_grad_piece, clip_grad_norm_, split_groups
-from bigmodel.train.optim import decays
 
 ZeroStage = Literal[0, 1, 2]
 
@@ -83,7 +83,7 @@ class ZeroOptimizer:
     number of microbatches, as the single-process engine does), `sync_gradients()`, `clip_grad_norm_(max_norm)`,
     `step()`, `zero_grad()`. An LR scheduler drives the wrapped `optimizer` (a torch AdamW), e.g.
     `build_scheduler(zero.optimizer, cfg)`. Hyper-parameters and the decay / no-decay split are those of
-    `bigmodel.train.optim.build_optimizer`, so a run matches the single-process engine.
+    `bigmodel.optim.build_optimizer`, so a run matches the single-process engine.
 
     Build it once the model is in its final layout (tensor parallel applied, materialised on its device): AdamW
     holds views into the parameters' storage, so replacing a parameter's data afterwards (`model.to(...)`,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 Launcher = Literal["torchrun", "openmpi", "mpich", "slurm", "none"]
 
@@ -225,3 +228,12 @@ def exit_distributed(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """This process's GPU when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")

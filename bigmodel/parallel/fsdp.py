@@ -4,10 +4,10 @@ Parameters, gradients and AdamW state are sharded; each Transformer block is one
 gathered just before it runs and freed after; on gloo with parameters kept gathered, each block stack: see
 `apply_fsdp`), the root unit holds the rest (embeddings, norms, heads). Mixed
 precision is bf16 autocast in every layout, so no MixedPrecisionPolicy: parameters, gradient reductions and
-optimizer state stay fp32. The optimizer is `bigmodel.train.optim.build_optimizer` over the resulting DTensor
+optimizer state stay fp32. The optimizer is `bigmodel.optim.build_optimizer` over the resulting DTensor
 parameters, switched to foreach (NativeEngine: per-tensor DTensor dispatch dominates AdamW on shards); clip with
 `bigmodel.parallel.grad_norm.clip_grad_norm_` over their gradients. Over gloo, parameters are all-gathered by
-`GlooAllGather` and gradients reduce-scattered by `GlooReduceScatter` (`bigmodel.parallel.collectives`).
+`GlooAllGather` and gradients reduce-scattered by `GlooReduceScatter` (`bigmodel.parallel.gloo.collectives`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 # public module.
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
-from bigmodel.parallel.collectives import all_gather_into, reduce_scatter_sum
+from bigmodel.parallel.gloo.collectives import all_gather_into, reduce_scatter_sum
 
 
 class _PlainAlloc:

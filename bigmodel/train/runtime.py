@@ -1,4 +1,4 @@
-"""Process-level settings for a run: device, threads, seeds and determinism."""
+"""Process-level settings for a run: threads, seeds and determinism."""
 
 from __future__ import annotations
 
@@ -7,13 +7,6 @@ import random
 
 import numpy as np
 import torch
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    """This process's GPU when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def configure_threads(requested: int, procs_on_node: int = 1) -> int:

@@ -12,15 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-WORKERS = Path(__file__).parent / "workers"
-
 
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `script` (a path, or a file name under tests/distributed/workers) under torchrun with `nproc` processes.
+    """Run the worker script at `script` (it sits next to the test that starts it) under torchrun with `nproc`
+    processes.
 
     Raises AssertionError with the workers' output if the job fails or times out.
     """
-    path = Path(script) if Path(script).is_absolute() else WORKERS / script
+    path = Path(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(path), *args]
     try:

@@ -17,9 +17,9 @@ pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 from bigmodel.checkpoint.reshard import reshard_checkpoint, target_layout
-from bigmodel.checkpoint.tools import export_hf
 from bigmodel.config import load_config
 from bigmodel.finetune import FinetuneConfig, finetune, load_vision_tower
+from bigmodel.hf.convert import export_hf
 from bigmodel.train.loop import train
 
 QUICK = ["--train.warmup_steps=0", "--log.progress=false", "--log.wandb=disabled", "--data.eval_size=16"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel.parallel import slurm
+from bigmodel.launch import slurm
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
