@@ -60,9 +60,10 @@ def planner_layout(cfg: Config) -> Layout:
 class CollectiveCounter(TorchDispatchMode):
     """Counts every collective issued while active, as the bytes one rank sends in the ring algorithm of each (the
     same cost model as the planner's `ring`): c10d (torch.distributed calls: the losses, gloo's fallbacks) and
-    functional (DTensor, funcol) operations at dispatch, and `bigmodel.parallel.gloo.collectives`' all-gathers and
-    reduce-scatters (ZeroOptimizer, FSDP2 on gloo) as they report themselves, whether shared memory or
-    point-to-point messages carry them. Waits and autograd wrappers are not collectives and are skipped."""
+    functional (DTensor, funcol) operations at dispatch (ZeroOptimizer and FSDP2 by default among them), and, with
+    parallel.gloo_transport, `bigmodel.parallel.gloo.collectives`' all-gathers and reduce-scatters as they report
+    themselves, whether shared memory or point-to-point messages carry them. Waits and autograd wrappers are not
+    collectives and are skipped."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -202,22 +203,19 @@ def _run_comm(cfg: Config, ctx, engine, loader) -> dict[str, Any]:
 
 def _deepspeed_engine(cfg: Config, ctx, keep_gathered: bool = True, persistence_threshold: int = 0):
     """DeepSpeed ZeRO-3 over the same model and initial weights, configured like the native run: fp32, AdamW with
-    the trainer's hyper-parameters, gradient clipping set explicitly (DeepSpeed 0.19.8 defaults to 1.0), every
-    parameter partitioned, and the reduce and prefetch buckets the size of the model: what DeepSpeed's defaults
-    (5e8 and 5e7 elements) amount to for a model this small (one reduction and one prefetch of everything), without
-    allocating the default reduce bucket's ~1.9 GB. (Buckets of 1e6, used before, made DeepSpeed ~10% slower on
-    gloo: more collectives, each waited for.)
+    the trainer's hyper-parameters, gradient clipping set explicitly (DeepSpeed defaults to 1.0), every parameter
+    partitioned, and reduce and prefetch buckets the size of the model: what DeepSpeed's defaults (5e8 and 5e7
+    elements) amount to for a model this small, without allocating the default reduce bucket's ~1.9 GB.
 
-    `keep_gathered` keeps DeepSpeed's defaults (stage3_max_reuse_distance and stage3_max_live_parameters 1e9): on
-    any smaller model a module's gathered parameters stay until their reuse in backward (one all-gather per
-    parameter and step, counted), as native `parallel.reshard_after_forward=false` does. False frees them after
-    use (reuse distance 0) and caps what stays live at the prefetch bucket, so backward gathers them again, as
-    native's default does (two all-gathers, counted; reuse distance 0 alone still keeps every parameter, because
-    the prefetcher has already fetched them for backward).
+    `keep_gathered` keeps DeepSpeed's defaults (stage3_max_reuse_distance and stage3_max_live_parameters 1e9): a
+    module's gathered parameters stay until their reuse in backward (one all-gather per parameter and step), as
+    native `parallel.reshard_after_forward=false` does. False frees them after use (reuse distance 0, live
+    parameters capped at the prefetch bucket), as native's default does (two all-gathers); reuse distance 0 alone
+    still keeps every parameter, because the prefetcher has already fetched them for backward.
 
     `persistence_threshold` (stage3_param_persistence_threshold): parameters of fewer elements stay whole on every
-    rank. 0 partitions every parameter, as native ZeRO-3 does (the same memory); DeepSpeed's default, 1e5, keeps
-    the norms, biases and 256 x 256 matrices of the bench model whole and measured ~10% slower on gloo."""
+    rank. 0 partitions every parameter, as native ZeRO-3 does; DeepSpeed's default, 1e5, is the figure's
+    `default_persistence_ratio` detail (docs/benchmarks.md, row f)."""
     import deepspeed
 
     from bigmodel.losses import active_objectives

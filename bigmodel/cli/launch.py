@@ -68,6 +68,7 @@ def training_arguments(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from bigmodel.config import load_config
+    from bigmodel.config.validate import resolve_dp_shard
     from bigmodel.launch.commands import (
         DeepSpeedSpec,
         TorchrunSpec,
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     # A bad config or a layout that does not fit the processes fails here, once, not in every worker.
     worker_args = training_arguments(args)
     cfg = load_config(args.config, worker_args[2:])
+    resolve_dp_shard(cfg, args.nproc * args.nnodes)  # the workers resolve it again, alike
     ParallelDims.from_config(cfg).validate(args.nproc * args.nnodes, cfg)
     if args.max_restarts and not cfg.checkpoint.every:
         print("note: checkpoint.every is 0, so a restarted job starts again from step 0", file=sys.stderr)

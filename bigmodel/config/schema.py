@@ -73,6 +73,10 @@ class ModelConfig:
     """Initial log of the contrastive logit scale (ln(1/0.07), CLIP's value)."""
     logit_scale_max: float = Field(4.6052, gt=0.0)
     """The logit scale is clamped to exp(logit_scale_max) (100, CLIP's value)."""
+    cpu_fused_kernels: bool = False
+    """Run quick_gelu MLPs and attention projections through hand-fused autograd functions tuned for CPU training
+    (bigmodel/models/fused.py; docs/benchmarks.md). They bypass the inner nn.Linear modules, so hooks on those do
+    not fire; refused with parallel.tp > 1, DeepSpeed ZeRO-3 and train.compile."""
 
 
 @dataclass(config=SECTION_CONFIG)
@@ -108,8 +112,9 @@ class ParallelConfig:
 
     dp_replicate: int = Field(1, ge=1)
     """Data-parallel replicas (the replicated axis of HSDP)."""
-    dp_shard: int = Field(1, ge=1)
-    """Data-parallel ranks over which ZeRO shards state (the sharded axis of HSDP)."""
+    dp_shard: int = Field(1, ge=-1)
+    """Data-parallel ranks over which ZeRO shards state (the sharded axis of HSDP), at least 1; -1: the processes that
+    dp_replicate x tp x pp leave, resolved when the job starts (and written into the run's config.yaml)."""
     tp: int = Field(1, ge=1)
     """Tensor-parallel degree (heads, MLP width and vocabulary split across ranks)."""
     pp: int = Field(1, ge=1)
@@ -123,6 +128,11 @@ class ParallelConfig:
     again for its backward; false keeps them until the block's backward: one all-gather per block and step instead
     of two, but the whole unsharded model is held from forward to backward (what DeepSpeed ZeRO-3 does by default,
     through stage3_max_reuse_distance). Stages 0-2 keep whole parameters either way."""
+    gloo_transport: bool = False
+    """Native engine on the gloo backend (CPU): move ZeRO's and FSDP2's all-gathers, reduce-scatters and all-reduces
+    through shared memory between the ranks of a host, or point-to-point messages, instead of gloo's own (faster:
+    docs/benchmarks.md), and with reshard_after_forward=false make each ZeRO-3 block stack one FSDP unit; false:
+    torch's collectives and one unit per block."""
     pp_schedule: PipelineSchedule = "1f1b"
     """Pipeline schedule (with pp > 1)."""
     microbatches: int = Field(1, ge=1)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 
+from bigmodel.config.deepspeed import deepspeed_config
 from bigmodel.config.errors import ConfigError
+from bigmodel.config.layout import ParallelLayout, dp_shard_for
 from bigmodel.config.schema import Config
 
 
@@ -18,10 +20,16 @@ def validate_config(cfg: Config) -> None:
     refuse_unavailable(cfg)
     check_reshard(cfg)
     check_engine(cfg)
-    # Imported here: the parallel package imports torch.distributed, which plain config use does not need.
-    from bigmodel.parallel.dims import ParallelDims
+    check_fused_kernels(cfg)
+    ParallelLayout.from_config(cfg).check_layout(cfg)
 
-    ParallelDims.from_config(cfg).check_layout(cfg)
+
+def resolve_dp_shard(cfg: Config, world_size: int) -> None:
+    """Replace parallel.dp_shard=-1 in `cfg` by what the other axes leave of `world_size` (in place, so the run's
+    saved config.yaml records it) and validate the result; ConfigError (one line) where it cannot fit."""
+    if cfg.parallel.dp_shard == -1:
+        cfg.parallel.dp_shard = dp_shard_for(cfg.parallel, world_size)
+        validate_config(cfg)
 
 
 def _divisors(n: int) -> str:
@@ -77,6 +85,11 @@ def microbatches_per_step(cfg: Config) -> int:
 
 def check_batch(cfg: Config) -> None:
     t, p = cfg.train, cfg.parallel
+    if p.dp_shard == 0:
+        raise ConfigError(
+            "parallel.dp_shard=0 is invalid: it should be at least 1, or -1 for the processes the other axes leave; "
+            "set parallel.dp_shard to a valid value"
+        )
     if t.global_batch_size % t.grad_accum:
         raise ConfigError(
             f"train.grad_accum={t.grad_accum} does not divide train.global_batch_size={t.global_batch_size}; "
@@ -87,7 +100,9 @@ def check_batch(cfg: Config) -> None:
             f"train.grad_accum={t.grad_accum} with a pipeline: the pipeline's microbatches are the accumulation; "
             "set train.grad_accum=1 and parallel.microbatches instead"
         )
-    dp = p.dp_replicate * p.dp_shard
+    # dp_shard=-1 is resolved where the world size is known (resolve_dp_shard, which checks again); until then the
+    # replicas alone give the necessary conditions.
+    dp = p.dp_replicate * max(p.dp_shard, 1)
     accumulation = microbatches_per_step(cfg)
     if t.global_batch_size % accumulation:
         raise ConfigError(
@@ -157,6 +172,31 @@ def check_reshard(cfg: Config) -> None:
         )
 
 
+def check_fused_kernels(cfg: Config) -> None:
+    """model.cpu_fused_kernels runs the blocks' linear weights without calling the nn.Linear modules: refused where
+    something must act through those modules (tensor parallelism's DTensor plans, DeepSpeed ZeRO-3's gathering
+    hooks) or fuses them itself (inductor)."""
+    if not cfg.model.cpu_fused_kernels:
+        return
+    p = cfg.parallel
+    refused = [
+        ("parallel.tp", p.tp, p.tp > 1, "tensor-parallel layers must be called as modules"),
+        (
+            "parallel.zero_stage",
+            p.zero_stage,
+            cfg.engine == "deepspeed" and p.zero_stage == 3,
+            "DeepSpeed ZeRO-3 gathers parameters in module hooks",
+        ),
+        ("train.compile", cfg.train.compile, cfg.train.compile, "inductor fuses the plain modules itself"),
+    ]
+    for field, value, bad, why in refused:
+        if bad:
+            raise ConfigError(
+                f"{field}={value} is not supported with model.cpu_fused_kernels=true ({why}); "
+                "set model.cpu_fused_kernels=false"
+            )
+
+
 def check_engine(cfg: Config) -> None:
     """engine=deepspeed: data parallel (ZeRO 0-3) over every process, no tensor or pipeline parallelism, and the
     DeepSpeed config bigmodel generates (with deepspeed.config_file merged in) free of conflicts."""
@@ -174,6 +214,12 @@ def check_engine(cfg: Config) -> None:
             "dp_replicate=1, or use engine=native for HSDP",
         ),
         ("train.compile", t.compile, t.compile, "set train.compile=false, or engine=native to compile"),
+        (
+            "parallel.gloo_transport",
+            p.gloo_transport,
+            p.gloo_transport,
+            "it replaces the native engine's collectives; set parallel.gloo_transport=false",
+        ),
         (
             "checkpoint.async_save",
             cfg.checkpoint.async_save,
@@ -196,7 +242,5 @@ def check_engine(cfg: Config) -> None:
         )
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("engine=deepspeed needs the deepspeed package: pip install 'bigmodel[deepspeed]'")
-    # Imported here: the engine module imports torch.distributed, which plain config use does not need.
-    from bigmodel.engines.deepspeed import deepspeed_config
-
-    deepspeed_config(cfg)
+    if p.dp_shard != -1:  # the micro-batch size needs the data-parallel size: checked again once resolved
+        deepspeed_config(cfg)

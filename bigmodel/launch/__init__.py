@@ -1,4 +1,2 @@
-"""Starting jobs the way clusters do: torchrun, deepspeed, mpirun and srun command lines, and Slurm job scripts.
-
-Imports no torch: building a command must work on a login node without a GPU stack.
-"""
+"""Starting jobs the way clusters do: torchrun, deepspeed, mpirun and srun command lines (`commands`) and Slurm job
+scripts (`slurm`). `commands` imports no torch, so a command can be built where no GPU stack is installed."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigmodel.config import Config, load_config, save_config
+from bigmodel.config.validate import resolve_dp_shard
 from bigmodel.launch.commands import TorchrunSpec, restart_environment, torchrun_command
 from bigmodel.parallel.dims import ParallelDims
 
@@ -100,6 +101,7 @@ def prepare_job(job: SlurmJob, python: str | None = None) -> PreparedJob:
             "and copy the checkpoint into the run's checkpoints/ folder to start from it"
         )
     cfg = load_config(job.config, job.overrides)
+    resolve_dp_shard(cfg, job.nodes * job.processes_per_node)
     ParallelDims.from_config(cfg).validate(job.nodes * job.processes_per_node, cfg)
     run_dir = Path(cfg.train.out_dir).resolve()
     if "$" in str(run_dir) or "'" in str(run_dir):

@@ -7,15 +7,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from bigmodel.config.layout import active_objectives
 from bigmodel.config.schema import LossWeights
 from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad, upcast
 
 __all__ = ["active_objectives", "contrastive_loss", "gather_with_grad", "masked_lm_loss", "total_loss"]
-
-
-def active_objectives(weights: LossWeights) -> tuple[str, ...]:
-    """The objectives with a positive weight, in a fixed order; the model builds heads for these only."""
-    return tuple(name for name in ("contrastive", "itm", "mlm") if getattr(weights, name) > 0)
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

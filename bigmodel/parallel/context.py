@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from bigmodel.config.schema import Config
+from bigmodel.config.validate import resolve_dp_shard
 from bigmodel.parallel.dims import Meshes, ParallelDims
 from bigmodel.parallel.env import DistEnv, default_device, init_distributed, read_dist_env
 
@@ -38,9 +39,11 @@ class ParallelContext:
 def setup_parallel(cfg: Config) -> ParallelContext:
     """Validate the layout against the launcher's world size, join the process group and build the meshes.
 
+    Resolves parallel.dp_shard=-1 in `cfg` (in place: the run directory's config.yaml then records the value).
     Raises ConfigError (one line) before any process-group work if the layout cannot run here.
     """
     env = read_dist_env()
+    resolve_dp_shard(cfg, env.world_size)
     dims = ParallelDims.from_config(cfg)
     dims.validate(env.world_size, cfg)
     device = default_device(env.local_rank)

@@ -8,11 +8,10 @@ its local tensor, and sharded or reduced only across the data-parallel group). A
 - stage 1: the same all-reduce; AdamW state is sharded: rank r owns the r-th contiguous chunk of every parameter's
   flattened local tensor (chunks of ceil(numel / dp) elements, the last ones padded or empty) and updates only that
   chunk; `step` all-gathers the updated chunks into every rank's parameters.
-- stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed
-  (`bigmodel.parallel.gloo.collectives.reduce_scatter_sum`).
+- stage 2: as stage 1, but the gradients are reduce-scattered into the owned chunks and the full gradients freed.
 
-On gloo the all-reduce, reduce-scatter and all-gather go through shared memory between the ranks of a host
-(`bigmodel.parallel.gloo.collectives`; docs/parallelism.md).
+The all-reduce, reduce-scatter and all-gather are torch's; with `gloo_transport` (parallel.gloo_transport) they go
+through `bigmodel.parallel.gloo.collectives` instead (shared memory between the ranks of a host; docs/parallelism.md).
 
 AdamW holds each owned chunk as an nn.Parameter that is a view into the model parameter's storage, so there is no
 second copy of the weights and ZeRO's memory accounting holds (bigmodel/parallel/memory.py). Collectives run on
@@ -36,7 +35,8 @@ from torch.distributed.tensor import DTensor
 
 from bigmodel.config.schema import TrainConfig
 from bigmodel.optim import decays
-from bigmodel.parallel.gloo.collectives import all_gather_into, all_reduce_sum, reduce_scatter_sum
+from bigmodel.parallel.collectives import TORCH
+from bigmodel.parallel.gloo.collectives import TRANSPORT as GLOO_TRANSPORT
 from bigmodel.parallel.grad_norm import GradPiece, as_grad_piece, clip_grad_norm_, split_groups
 
 ZeroStage = Literal[0, 1, 2]
@@ -89,10 +89,17 @@ class ZeroOptimizer:
     holds views into the parameters' storage, so replacing a parameter's data afterwards (`model.to(...)`,
     `load_state_dict(..., assign=True)`) would detach it from the optimizer. In-place loads are fine.
     `dp_mesh` is `Meshes.dp` (1-D); every rank of it constructs the optimizer with the same model.
+    `gloo_transport` (parallel.gloo_transport) moves the buckets by `bigmodel.parallel.gloo.collectives`.
     """
 
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, dp_mesh: DeviceMesh, stage: ZeroStage, bucket_mb: float = 25.0
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        dp_mesh: DeviceMesh,
+        stage: ZeroStage,
+        bucket_mb: float = 25.0,
+        gloo_transport: bool = False,
     ):
         if stage not in (0, 1, 2):
             raise ValueError(f"ZeroOptimizer implements ZeRO stages 0, 1 and 2, got {stage}; stage 3 is apply_fsdp")
@@ -100,6 +107,7 @@ class ZeroOptimizer:
         self.group = dp_mesh.get_group()
         self.dp = dp_mesh.size()
         self.rank = dp_mesh.get_local_rank()
+        self.collectives = GLOO_TRANSPORT if gloo_transport else TORCH
         self.slots = [self._slot(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if len({s.param.dtype for s in self.slots}) > 1:
             raise ValueError("ZeroOptimizer buckets gradients of one dtype; keep every parameter fp32 (use autocast)")
@@ -164,7 +172,7 @@ class ZeroOptimizer:
     def _all_reduce(self, bucket: _Bucket) -> None:
         grads = [self._local_grad(slot) for slot in bucket.slots]
         flat = _flatten_dense_tensors(grads)
-        all_reduce_sum(flat, self.group)
+        self.collectives.all_reduce_sum(flat, self.group)
         flat.div_(self.dp)
         for slot, grad, averaged in zip(bucket.slots, grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(averaged)
@@ -179,7 +187,7 @@ class ZeroOptimizer:
             send[:, slot.offset : slot.offset + slot.chunk].copy_(padded.view(self.dp, slot.chunk))
             slot.param.grad = None  # the whole gradient is not needed any more
         bucket.grads = send.new_empty(bucket.size)
-        reduce_scatter_sum(bucket.grads, send.view(-1), self.group)
+        self.collectives.reduce_scatter_sum(bucket.grads, send.view(-1), self.group)
         bucket.grads.div_(self.dp)
         for slot in bucket.slots:
             slot.owned.grad = bucket.grads[slot.offset : slot.offset + slot.owned.numel()]
@@ -223,7 +231,7 @@ class ZeroOptimizer:
     def _all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """(dp, len(send)): every rank's `send`, in rank order."""
         gathered = send.new_empty(self.dp, send.numel())
-        all_gather_into(gathered.view(-1), send, self.group)
+        self.collectives.all_gather_into(gathered.view(-1), send, self.group)
         return gathered
 
     @staticmethod

@@ -39,7 +39,7 @@ def parallelize_module_parts(model: MultimodalEncoder, cfg: Config, ctx: Paralle
     if cfg.train.compile:
         apply_compile(model, whole_model=dims.tp > 1, backend=cfg.train.compile_backend)
     if dims.zero_stage == 3:
-        apply_fsdp(model, ctx.meshes.fsdp, cfg.parallel.reshard_after_forward)
+        apply_fsdp(model, ctx.meshes.fsdp, cfg.parallel.reshard_after_forward, cfg.parallel.gloo_transport)
     return model
 
 

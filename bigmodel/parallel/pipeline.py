@@ -18,12 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from bigmodel.config.errors import ConfigError
+from bigmodel.config.layout import (
+    TOWERS,
+    block_list,
+    check_stage_split,
+    stages_per_rank,
+)
 from bigmodel.config.schema import Config, ModelConfig
 from bigmodel.models.encoder import MultimodalEncoder
 from bigmodel.models.flops import flops_per_block
 
-TOWERS = ("vision", "text", "fusion")
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
 """What the first stage receives: the batch, chunked into microbatches by the schedule."""
 TOWER_KEYS = ("image", "text", "mask", "same", "selected")
@@ -42,7 +46,6 @@ JOINED_KEYS = (
 """The state between stages after the join."""
 OUTPUT_KEYS = ("image_embeds", "text_embeds", "logit_scale", "itm_logits", "itm_labels", "mlm_logits")
 """What the last stage returns to the loss."""
-SCHEDULES_WITH_VIRTUAL_STAGES = ("interleaved_1f1b", "zero_bubble")
 
 
 @dataclass(frozen=True)
@@ -63,18 +66,6 @@ class StagePlan:
         parts += [f"{name}[{r.start}:{r.stop}]" for name, r in self.blocks.items() if len(r)]
         parts += [name for name, on in (("join", self.join), ("heads", self.heads)) if on]
         return f"stage {self.index}: " + " ".join(parts)
-
-
-def stages_per_rank(cfg: Config) -> int:
-    """Virtual stages per rank: parallel.pp_virtual_stages for interleaved schedules, else 1."""
-    return cfg.parallel.pp_virtual_stages if cfg.parallel.pp_schedule in SCHEDULES_WITH_VIRTUAL_STAGES else 1
-
-
-def block_list(cfg: ModelConfig, objectives: Collection[str]) -> list[tuple[str, int]]:
-    """Every Transformer block of the model in forward order, as (stack, index)."""
-    fusion_layers = cfg.fusion_layers if cfg.fusion != "none" and {"itm", "mlm"} & set(objectives) else 0
-    counts = {"vision": cfg.vision_layers, "text": cfg.text_layers, "fusion": fusion_layers}
-    return [(stack, i) for stack in TOWERS for i in range(counts[stack])]
 
 
 def balanced_split(costs: list[float], parts: int) -> list[int]:
@@ -103,24 +94,13 @@ def balanced_split(costs: list[float], parts: int) -> list[int]:
 
 def plan_stages(cfg: Config, objectives: Collection[str]) -> list[StagePlan]:
     """The split of the model into pp x virtual stages; ConfigError (one line) if it cannot be split so."""
-    p = cfg.parallel
-    count = p.pp * stages_per_rank(cfg)
     blocks = block_list(cfg.model, objectives)
-    if count > len(blocks):
-        raise ConfigError(
-            f"{count} pipeline stages (parallel.pp={p.pp} x {stages_per_rank(cfg)} per rank) need at least as many "
-            f"Transformer blocks, but the model has {len(blocks)}; lower parallel.pp or parallel.pp_virtual_stages"
-        )
-    if p.pp_layers:
-        sizes = list(p.pp_layers)
-        if len(sizes) != count or sum(sizes) != len(blocks) or min(sizes) < 1:
-            raise ConfigError(
-                f"parallel.pp_layers={sizes} must give each of the {count} stages at least one block and "
-                f"{len(blocks)} blocks in all; fix it or leave it empty for an automatic split"
-            )
+    check_stage_split(cfg, len(blocks))
+    if cfg.parallel.pp_layers:
+        sizes = list(cfg.parallel.pp_layers)
     else:
         costs = [flops_per_block(cfg.model, objectives, stack) for stack, _ in blocks]
-        sizes = balanced_split(costs, count)
+        sizes = balanced_split(costs, cfg.parallel.pp * stages_per_rank(cfg))
     return _stage_plans(blocks, sizes)
 
 
@@ -139,26 +119,6 @@ def _stage_plans(blocks: list[tuple[str, int]], sizes: list[int]) -> list[StageP
         joined = joined or join
         start += size
     return plans
-
-
-def check_schedule(cfg: Config) -> None:
-    """ConfigError (one line) if the schedule cannot run with these microbatches and stages."""
-    p = cfg.parallel
-    if p.pp_schedule in SCHEDULES_WITH_VIRTUAL_STAGES and p.pp_virtual_stages < 2:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} interleaves several stages per rank; "
-            "set parallel.pp_virtual_stages >= 2 (or use 1f1b)"
-        )
-    if p.pp_schedule != "gpipe" and p.microbatches < p.pp:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} needs parallel.microbatches >= parallel.pp={p.pp}, got "
-            f"{p.microbatches}; raise parallel.microbatches"
-        )
-    if p.pp_schedule in SCHEDULES_WITH_VIRTUAL_STAGES and p.microbatches % p.pp:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} runs microbatches in rounds of parallel.pp={p.pp}; make "
-            f"parallel.microbatches={p.microbatches} a multiple of {p.pp}"
-        )
 
 
 class PipelineStageModel(MultimodalEncoder):

@@ -165,6 +165,16 @@ def test_interleaved_pipeline_checkpoint_resumes_on_one_process(tmp_path):
     assert ours == pytest.approx(ref[3:], rel=1e-5)
 
 
+def test_dry_run_with_dp_shard_minus_one_fits_or_is_one_line():
+    fits = bigmodel("launch", "--nproc", "4", "--config", TINY, "--parallel.dp_shard=-1", "--dry-run")
+    assert fits.returncode == 0, fits.stderr
+    odd = bigmodel("launch", "--nproc", "3", "--config", TINY, "--parallel.dp_shard=-1", "--parallel.tp=2", "--dry-run")
+    assert odd.returncode == 2 and odd.stderr.strip().splitlines() == [
+        "error: parallel.dp_shard=-1 takes the processes that parallel.dp_replicate=1 x tp=2 x pp=1 = 2 leave, but 3 "
+        "processes are not a multiple of 2; start a multiple of 2 processes or change those degrees"
+    ], odd.stderr
+
+
 def test_dry_run_multi_node_and_restarts():
     result = bigmodel(
         "launch",

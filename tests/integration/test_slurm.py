@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel.config import load_config
 from bigmodel.launch import slurm
+from bigmodel.parallel.dims import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -98,11 +100,27 @@ def test_batch_script(tmp_path):
         ({"nodes": 2, "nproc_per_node": 2}, "needs 1 processes but 4 were started"),
         ({"nodes": 1, "nproc_per_node": 1, "signal": "soon"}, "--signal 'soon' must look like USR1@120"),
         ({"nodes": 1, "nproc_per_node": 1, "overrides": ("--checkpoint.resume=x",)}, "always resumes the newest"),
+        (
+            {"nodes": 3, "nproc_per_node": 1, "overrides": ("--parallel.dp_shard=-1", "--parallel.tp=2")},
+            "but 3 processes are not a multiple of 2",
+        ),
     ],
 )
 def test_bad_submission(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         slurm.prepare_job(slurm.SlurmJob(TINY, **fields))
+
+
+def test_dp_shard_minus_one_takes_every_process_and_is_frozen_resolved(tmp_path):
+    job = slurm.SlurmJob(
+        TINY, nodes=2, nproc_per_node=1, overrides=(f"--train.out_dir={tmp_path / 'run'}", "--parallel.dp_shard=-1")
+    )
+    prepared = slurm.prepare_job(job)
+    assert "--nproc-per-node=1 --nnodes=2" in prepared.script
+    slurm.write_job(prepared)
+    frozen = load_config(prepared.config_path)  # what every process of the job loads
+    assert frozen.parallel.dp_shard == 2
+    ParallelDims.from_config(frozen).validate(2, frozen)
 
 
 def test_bad_submission_is_one_line_on_the_command_line():

@@ -1,5 +1,5 @@
 """All-gather, reduce-scatter and all-reduce for ZeRO and FSDP2, done faster than gloo's own where the process group
-is gloo's.
+is gloo's; used only with parallel.gloo_transport (torch's collectives otherwise).
 
 Other backends (NCCL) run the collective itself. On gloo:
 
@@ -9,10 +9,9 @@ Other backends (NCCL) run the collective itself. On gloo:
   so every chunk travels once, straight to the rank that needs it (all-gather, reduce-scatter), or gloo runs its
   own all-reduce.
 
-gloo's own all-gather and reduce-scatter are ring or all-reduce algorithms that move a buffer in steps. Measured on 2
-local ranks (30 MB, one torch thread, medians of 15), they take about twice as long as the same bytes sent directly:
-`all_gather_into_tensor` 25-34 ms against 14-15 ms, and `reduce_scatter_tensor` 41 ms (it all-reduces the whole
-input) against 15 ms. Shared memory takes 8-10 ms for either. All three functions are synchronous.
+gloo's own all-gather and reduce-scatter are ring or all-reduce algorithms that move a buffer in steps; sending each
+chunk once straight to its rank, or through shared memory, is faster (docs/benchmarks.md, row f). All three
+functions are synchronous.
 
 `observe` lets a counter (`bigmodel.bench.distributed.CollectiveCounter`) see these collectives as what they are,
 the bytes one rank sends in the ring algorithm, whatever carries them: shared memory issues no c10d operation, and
@@ -29,14 +28,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from bigmodel.parallel.collectives import Collectives
 from bigmodel.parallel.gloo import shm
 
 Observer = Callable[[str, float], None]
 _observers: list[Observer] = []
 _state = threading.local()
-# Below these sizes gloo's own collective is faster than shared memory, whose all-reduce waits for the group twice
-# (2 ranks, medians of 41: all-reduce of 4 KB 392 against 718 us, 64 KB 366 against 533 us, even at 1 MB; all-gather
-# of 4 KB per rank 295 against 432 us, even at 64 KB). A reduce-scatter through shared memory was never slower.
+# Below these sizes gloo's own collective is faster than shared memory, whose all-reduce waits for the group twice;
+# a reduce-scatter through shared memory is never slower.
 SMALL_ALL_REDUCE_BYTES = 1 << 20
 SMALL_ALL_GATHER_BYTES = 64 << 10
 
@@ -156,3 +155,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
             segments.all_reduce_sum(tensor)
         else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+TRANSPORT = Collectives(all_reduce_sum, reduce_scatter_sum, all_gather_into)
+"""This module's collectives, as ZeroOptimizer takes them with parallel.gloo_transport."""

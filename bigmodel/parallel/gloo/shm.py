@@ -1,9 +1,7 @@
 """All-gather, reduce-scatter and all-reduce through shared memory, for the ranks of a gloo group on one host.
 
-gloo moves every byte between two local processes through the kernel's TCP loopback, at about 1 GB/s each way
-here; a copy into and out of shared memory runs at memory speed. Measured on 2 local ranks (30 MB, one torch
-thread, medians of 15): all-gather 8-10 ms against 14 ms point-to-point and 25-34 ms for gloo's own; reduce-scatter
-9 ms against 15 and 41 ms.
+gloo moves every byte between two local processes through the kernel's TCP loopback; a copy into and out of shared
+memory runs at memory speed (docs/benchmarks.md, row f).
 
 Each rank of the group owns one segment of `2 x SLOT_BYTES` in /dev/shm, mapped by every rank of the group: two
 slots, used in turn by successive collectives. A collective writes this rank's data into its slot, waits for the

@@ -1,8 +1,9 @@
-"""The faster paths of native ZeRO-3 on gloo against what they replace, on real gloo processes.
+"""The gloo transport (parallel.gloo_transport, off by default) against the torch collectives it replaces, on real
+gloo processes.
 
-`GlooReduceScatter` and `GlooAllGather` (bigmodel/parallel/fsdp.py, over bigmodel.parallel.gloo.collectives) stand in
-for gloo's reduce_scatter_tensor and all_gather_into_tensor under FSDP2 and ZeRO-1/2, and `all_reduce_sum` for gloo's
-all_reduce under ZeRO-0/1 (bigmodel.parallel.data_parallel): they must give the same result
+`GlooReduceScatter` and `GlooAllGather` (bigmodel/parallel/gloo/fsdp.py, over bigmodel.parallel.gloo.collectives)
+stand in for gloo's reduce_scatter_tensor and all_gather_into_tensor under FSDP2 and ZeRO-1/2, and `all_reduce_sum`
+for gloo's all_reduce under ZeRO-0/1 (bigmodel.parallel.data_parallel): they must give the same result
 (bitwise for the gather, and for the sum where it has one order: 2 ranks), on subgroups too, through each transport
 (shared memory, in one piece or in many; point-to-point messages), and `apply_fsdp` must actually use them. Where the
 ranks cannot see each other's shared memory, every rank must fall back alike.
@@ -164,8 +165,8 @@ def compare_collectives(group, seed: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from bigmodel.parallel.fsdp import GlooAllGather, GlooReduceScatter
     from bigmodel.parallel.gloo import collectives
+    from bigmodel.parallel.gloo.fsdp import GlooAllGather, GlooReduceScatter
 
     n = group.size()
     gen = torch.Generator().manual_seed(seed)
@@ -306,9 +307,9 @@ def full_shm(folder: str) -> dict[str, Any]:
 
 
 def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, dict[str, int]], int, int]:
-    """The collectives, by kind, of one native ZeRO-3 training step of the tiny model over every rank (all of them,
-    as CollectiveCounter counts them, and those of bigmodel.parallel.gloo.collectives alone), the number of modules that
-    FSDP wraps and the number of block stacks."""
+    """The collectives, by kind, of one native ZeRO-3 training step of the tiny model over every rank, with the gloo
+    transport (all of them, as CollectiveCounter counts them, and those of bigmodel.parallel.gloo.collectives alone),
+    the number of modules that FSDP wraps and the number of block stacks."""
     import torch
     from torch.distributed.fsdp import FSDPModule
 
@@ -321,7 +322,8 @@ def zero3_step_calls(out_dir: str, *overrides: str) -> tuple[dict[str, dict[str,
     from bigmodel.tools.verify import layout_overrides
     from bigmodel.train.loop import split_microbatches
 
-    cfg = load_config(TINY, [f"--train.out_dir={out_dir}", *layout_overrides(f"zero3x{WORLD}"), *overrides])
+    layout = [*layout_overrides(f"zero3x{WORLD}"), "--parallel.gloo_transport=true"]
+    cfg = load_config(TINY, [f"--train.out_dir={out_dir}", *layout, *overrides])
     ctx = setup_parallel(cfg)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, ctx)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel.config import ConfigError, load_config
-from bigmodel.engines.deepspeed import deepspeed_config
+from bigmodel.config.deepspeed import deepspeed_config
 from bigmodel.tools.verify import layout_overrides, parse_layout
 
 TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
