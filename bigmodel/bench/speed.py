@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import tempfile
 import time
@@ -136,7 +137,8 @@ def model_speed(quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf1
     CLIPModel with the same config and weights (b), and bigmodel's model FLOPs/s over the matmul peak of that
     precision measured between its steps (c); each for the eager model and for the model as `train.compile: true`
     runs it (every block compiled by inductor; in quick mode traced by dynamo and run eagerly, which checks the
-    plumbing in seconds instead of minutes of C++ compilation). The optimizer step is not timed: it is the same code
+    plumbing in seconds instead of minutes of C++ compilation). Beside them, the eager model built with
+    `model.cpu_fused_kernels: true` against the default one. The optimizer step is not timed: it is the same code
     for both models."""
     from transformers import CLIPModel
 
@@ -145,11 +147,12 @@ def model_speed(quick: bool = False, precisions: tuple[str, ...] = ("fp32", "bf1
     shape = ClipShape.for_mode(quick)
     cfg = shape.model_config()
     ours = build_model(cfg, ("contrastive",), seed=0)
+    fused = build_model(dataclasses.replace(cfg, cpu_fused_kernels=True), ("contrastive",), seed=0)  # same weights
     compiled = copy.deepcopy(ours)
     apply_compile(compiled, whole_model=False, backend=_compile_backend(quick))
     clip = CLIPModel(clip_config_from_model_config(cfg))
     clip.load_state_dict(bigmodel_to_clip_state_dict(ours.state_dict()), strict=False)
-    models = {"clip": clip, "ours": ours, "compiled": compiled}
+    models = {"clip": clip, "ours": ours, "compiled": compiled, "fused": fused}
     batch = _batch(shape)
     flops = flops_per_sample(cfg, ("contrastive",), text_tokens=shape.tokens)["train"] * shape.batch
     return [f for precision in precisions for f in _compare(models, batch, flops, shape, precision, quick)]
@@ -179,7 +182,8 @@ def _compare(
     models: dict[str, nn.Module], batch: dict[str, torch.Tensor], flops: float, shape: ClipShape, precision: str,
     quick: bool,
 ) -> list[Figure]:  # fmt: skip
-    """Figures (b) and (c) at one precision, for the eager and the compiled model; see model_speed."""
+    """Figures (b) and (c) at one precision, for the eager and the compiled model, and the CPU-fused model against
+    the eager one; see model_speed."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     steps = {name: _train_step(model, batch, precision) for name, model in models.items()}
     # The first call at a precision compiles (dynamo guards on autocast, so bf16 compiles again): what a user of
@@ -235,4 +239,21 @@ def _compare(
                 details=common | {"train_flops_per_step": flops, "per_repeat_mfu": mfu},
             ),
         ]
+    figures.append(
+        Figure(
+            name=f"cpu_fused_vs_plain_{precision}",
+            title=f"step time (forward + backward), {precision}: model.cpu_fused_kernels / the plain modules",
+            ratio=paired_ratio(times["fused"], times["ours"]),
+            target=1.0,
+            direction="<=",
+            baseline={"label": "MultimodalEncoder", "value": median(times["ours"]), "unit": "s/step"},
+            candidate={
+                "label": "MultimodalEncoder, cpu_fused_kernels",
+                "value": median(times["fused"]),
+                "unit": "s/step",
+            },
+            command=command,
+            details=common,
+        )
+    )
     return figures

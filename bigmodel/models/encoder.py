@@ -13,9 +13,17 @@ import torch
 from torch import nn
 
 from bigmodel.config.schema import ModelConfig
-from bigmodel.models.layers import ACTIVATIONS, block_stack
+from bigmodel.models.fused import FusedBlock
+from bigmodel.models.layers import ACTIVATIONS, Block, BlockStack, block_stack
 
 OBJECTIVES = ("contrastive", "itm", "mlm")
+
+
+def blocks(cfg: ModelConfig, width: int, heads: int, mlp_dim: int, layers: int, cross: bool = False) -> BlockStack:
+    """A stack of `layers` blocks with the activation, dropout and norm epsilon of `cfg`: plain modules, or the
+    CPU-fused kernels where `model.cpu_fused_kernels` asks for them."""
+    block = FusedBlock if cfg.cpu_fused_kernels else Block
+    return block_stack(width, heads, mlp_dim, layers, cfg.activation, cfg.dropout, cfg.norm_eps, cross, block)
 
 
 def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -39,9 +47,7 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.position_embedding = nn.Parameter(torch.empty(num_positions, width))
         self.pre_norm = nn.LayerNorm(width, eps=cfg.norm_eps)
-        self.blocks = block_stack(
-            width, cfg.vision_heads, cfg.vision_mlp_dim, cfg.vision_layers, cfg.activation, cfg.dropout, cfg.norm_eps
-        )
+        self.blocks = blocks(cfg, width, cfg.vision_heads, cfg.vision_mlp_dim, cfg.vision_layers)
         self.post_norm = nn.LayerNorm(width, eps=cfg.norm_eps)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -63,9 +69,7 @@ class TextTower(nn.Module):
         self.causal = cfg.text_causal
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.position_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
-        self.blocks = block_stack(
-            cfg.text_width, cfg.text_heads, cfg.text_mlp_dim, cfg.text_layers, cfg.activation, cfg.dropout, cfg.norm_eps
-        )
+        self.blocks = blocks(cfg, cfg.text_width, cfg.text_heads, cfg.text_mlp_dim, cfg.text_layers)
         self.final_norm = nn.LayerNorm(cfg.text_width, eps=cfg.norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -92,15 +96,8 @@ class Fusion(nn.Module):
         self.image_proj = nn.Linear(cfg.vision_width, width)
         if self.kind == "merged":
             self.modality_embedding = nn.Parameter(torch.empty(2, width))  # row 0 text, row 1 image
-        self.blocks = block_stack(
-            width,
-            cfg.text_heads,
-            cfg.text_mlp_dim,
-            cfg.fusion_layers,
-            cfg.activation,
-            cfg.dropout,
-            cfg.norm_eps,
-            cross=self.kind == "cross",
+        self.blocks = blocks(
+            cfg, width, cfg.text_heads, cfg.text_mlp_dim, cfg.fusion_layers, cross=self.kind == "cross"
         )
         self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
 

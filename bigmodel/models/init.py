@@ -24,8 +24,16 @@ def param_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def initial_value(module: nn.Module, param_name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Generator):
-    """The fp32 initial value of `module.<param_name>` (a direct parameter of `module`)."""
+def is_residual_output(module_name: str) -> bool:
+    """Whether the linear layer `module_name` writes into the residual stream (attention out_proj, MLP fc2)."""
+    return module_name.endswith(("out_proj", "mlp.fc2"))
+
+
+def initial_value(
+    module: nn.Module, param_name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Generator, residual: bool
+) -> torch.Tensor:
+    """The fp32 initial value of `module.<param_name>` (a direct parameter of `module`); `residual`: the module
+    writes into the residual stream (`is_residual_output`)."""
     if isinstance(module, nn.LayerNorm):
         return torch.ones(shape) if param_name == "weight" else torch.zeros(shape)
     if param_name == "bias":
@@ -37,16 +45,9 @@ def initial_value(module: nn.Module, param_name: str, shape: torch.Size, cfg: Mo
         # Residual output projections are scaled down with depth (GPT-2) so the residual stream's variance does not
         # grow with the number of blocks.
         depth = max(cfg.vision_layers, cfg.text_layers + cfg.fusion_layers)
-        if getattr(module, "_is_residual_output", False):
+        if residual:
             std = std / math.sqrt(2 * depth)
     return torch.randn(shape, generator=gen) * std
-
-
-def mark_residual_outputs(model: nn.Module) -> None:
-    """Tag the linear layers that write into the residual stream (attention out_proj, MLP fc2)."""
-    for name, module in model.named_modules():
-        if name.endswith(("out_proj", "mlp.fc2")):
-            module._is_residual_output = True
 
 
 def initial_values(model: MultimodalEncoder, seed: int) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
@@ -54,11 +55,12 @@ def initial_values(model: MultimodalEncoder, seed: int) -> Iterator[tuple[str, n
 
     The value has the parameter's global shape, so a parallel layout can take its own shard of it.
     """
-    mark_residual_outputs(model)
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            value = initial_value(module, param_name, param.shape, model.cfg, param_generator(seed, full_name))
+            generator = param_generator(seed, full_name)
+            residual = is_residual_output(module_name)
+            value = initial_value(module, param_name, param.shape, model.cfg, generator, residual)
             yield full_name, param, value
 
 

@@ -22,7 +22,7 @@ import torch
 
 from bigmodel.config.errors import ConfigError
 from bigmodel.config.schema import Config, ModelConfig
-from bigmodel.config.validate import check_batch
+from bigmodel.config.validate import check_batch, check_fused_kernels
 from bigmodel.losses import active_objectives
 from bigmodel.models.encoder import MultimodalEncoder
 from bigmodel.models.flops import flops_per_block, flops_per_sample
@@ -315,7 +315,7 @@ def _stack_geometry(cfg: ModelConfig, shapes: Shapes, stack: str) -> tuple[int, 
 
 
 def block_activation_bytes(
-    cfg: ModelConfig, shapes: Shapes, stack: str, bf16: bool, tp: int = 1, sp: bool = False, fused: bool = True
+    cfg: ModelConfig, shapes: Shapes, stack: str, bf16: bool, tp: int = 1, sp: bool = False
 ) -> float:
     """Bytes one block of `stack` saves for backward per sample, on one tensor-parallel rank.
 
@@ -323,16 +323,15 @@ def block_activation_bytes(
     fp32 also under autocast), both norms' outputs (4D each), q, k and v (12D), the attention output regrouped for
     out_proj (4D), the MLP's hidden before and after the activation (8F), the attention's log-sum-exp (4h) and the
     norms' statistics (16). Under bf16 autocast every matmul saves a bf16 copy of its input: the first norm's output
-    once for q, k and v together (`SharedInputProjections`); the rest halves, and the matmul weights' bf16 copies
-    are saved too (counted in `weight_cast_bytes`). Tensor parallelism splits the per-head and MLP-hidden parts;
-    sequence parallelism also the fp32 residuals.
+    once per projection (6D); the rest halves, and the matmul weights' bf16 copies are saved too (counted in
+    `weight_cast_bytes`). quick_gelu's three autograd kernels save the hidden a third time (its sigmoid). Tensor
+    parallelism splits the per-head and MLP-hidden parts; sequence parallelism also the fp32 residuals.
 
-    `fused`: whether the blocks run their fused functions (`plain_linears`: one process, DP, ZeRO, FSDP2, pipeline
-    stages). Where the linear layers run as modules (tensor parallelism, DeepSpeed ZeRO-3's gathering hooks), bf16
-    autocast casts the first norm's output once per projection (6D), and quick_gelu's three autograd kernels save
-    the hidden a third time (its sigmoid).
+    With `cfg.cpu_fused_kernels` (`bigmodel.models.fused`) q, k and v cast the first norm's output once (2D), and a
+    quick_gelu MLP saves its hidden twice.
     """
     tokens, d, f, h, context = _stack_geometry(cfg, shapes, stack)
+    fused = cfg.cpu_fused_kernels
     residual = 4 * d / (tp if sp else 1)
     e = 2 if bf16 else 4
     hidden = 2 * e * f if fused or cfg.activation != "quick_gelu" else 3 * e * f
@@ -394,16 +393,11 @@ def activation_bytes(
     tp: int = 1,
     sp: bool = False,
     checkpointing: bool = False,
-    fused: bool | None = None,
 ) -> float:
     """Peak bytes of activations one rank holds: `in_flight` microbatches of `microbatch` samples saved through
-    `stage`, plus (with activation checkpointing, which keeps only each block's input) one block recomputed.
-    `fused` (default: without tensor parallelism): see `block_activation_bytes`."""
+    `stage`, plus (with activation checkpointing, which keeps only each block's input) one block recomputed."""
     shapes = Shapes.of(cfg, objectives)
-    fused = tp == 1 if fused is None else fused
-    per_block = {
-        s: block_activation_bytes(cfg.model, shapes, s, bf16, tp, sp, fused) for s in ("vision", "text", "fusion")
-    }
+    per_block = {s: block_activation_bytes(cfg.model, shapes, s, bf16, tp, sp) for s in ("vision", "text", "fusion")}
     cast = weight_cast_bytes(cfg.model, stage, tp) if bf16 else 0.0
     if checkpointing:
         blocks = sum(4 * _stack_geometry(cfg.model, shapes, s)[0] * _width(cfg.model, s) for s, _ in stage.blocks)
@@ -542,15 +536,13 @@ def estimate(
     bf16 = cfg.train.precision == "bf16"
     microbatch = cfg.train.global_batch_size // (layout.dp * layout.microbatches)
     plan = stages(cfg, objectives, layout.pp)
-    # The fused block functions need plain linear layers: not tensor-parallel ones, nor DeepSpeed ZeRO-3's hooked ones.
-    fused = layout.tp == 1 and not (cfg.engine == "deepspeed" and layout.zero_stage == 3)
     worst: dict[str, float] = {}
     for index, stage in enumerate(plan):
         state = model_state_bytes(table, stage, layout)
         memory = state | {
             "activations": activation_bytes(
                 cfg, objectives, stage, microbatch, in_flight(index, layout.pp, layout.microbatches), bf16,
-                layout.tp, layout.sp, layout.activation_checkpointing, fused,
+                layout.tp, layout.sp, layout.activation_checkpointing,
             ),
             "buffers": buffer_bytes(cfg.model, table, stage, layout),
         }  # fmt: skip
@@ -638,6 +630,7 @@ def check(cfg: Config, objectives: tuple[str, ...], cluster: Cluster, layout: La
         )
         train = dataclasses.replace(cfg.train, grad_accum=1 if layout.pp > 1 else layout.microbatches)
         check_batch(dataclasses.replace(cfg, parallel=parallel, train=train))
+        check_fused_kernels(dataclasses.replace(cfg, parallel=parallel))
         if layout.pp > 1:
             stages(cfg, objectives, layout.pp)
     except ConfigError as err:

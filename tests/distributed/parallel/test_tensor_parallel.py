@@ -17,9 +17,8 @@ from tests.distributed.launch import run_worker
 
 TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
 LR = 0.5  # the worker's SGD learning rate
-# A small global batch keeps a launch short; tp4 needs heads divisible by 4 (tiny has 2). tp2 runs quick_gelu blocks:
-# the single-process reference then runs the fused QuickGeluMLP and the tensor-parallel model (DTensor weights,
-# redistribution hooks) the plain modules, so the comparison covers both paths.
+# A small global batch keeps a launch short; tp4 needs heads divisible by 4 (tiny has 2). tp2 runs quick_gelu blocks
+# (CLIP's activation), tp4 the default gelu.
 LAUNCHES = {
     2: ["--train.global_batch_size=8", "--model.activation=quick_gelu"],
     4: ["--train.global_batch_size=8", "--model.vision_heads=4", "--model.text_heads=4", "--fsdp"],

@@ -32,11 +32,12 @@ SUITES = {
     "cross": TWO_PROCESSES + FOUR_PROCESSES,
     "merged": ["zero2x2", "tp2+sp", "dp2xtp2xzero3"],
     "none": ["dp2", "tp2", "zero3x4"],
+    "none-cpu-fused": ["dp2", "zero3x4"],  # FSDP2 gathers whole blocks, so the fused kernels run under it
 }
 FUSION_OVERRIDES = {
     "cross": [],
     "merged": ["--model.fusion=merged"],
-    "none": [  # CLIP's shape, quick_gelu included: dp2 and zero3x4 run the fused QuickGeluMLP, tp2 the modules
+    "none": [  # CLIP's shape, quick_gelu included
         "--model.fusion=none",
         "--model.fusion_layers=0",
         "--train.loss_weights.itm=0",
@@ -44,6 +45,7 @@ FUSION_OVERRIDES = {
         "--model.activation=quick_gelu",
     ],
 }
+FUSION_OVERRIDES["none-cpu-fused"] = [*FUSION_OVERRIDES["none"], "--model.cpu_fused_kernels=true"]
 
 
 @pytest.mark.slow

@@ -46,6 +46,8 @@ def test_single_process_benches_write_their_figures(suite):
         "model_vs_clip_bf16_compiled",
         "cpu_mfu_fp32_compiled",
         "cpu_mfu_bf16_compiled",
+        "cpu_fused_vs_plain_fp32",
+        "cpu_fused_vs_plain_bf16",
         "checkpoint_save",
         "checkpoint_load",
     }
@@ -71,7 +73,7 @@ def test_compiled_model_is_timed_beside_the_eager_one(suite):
     assert len(compiled) == 4
     for f in compiled:
         seconds = f["details"]["seconds"]
-        assert seconds.keys() == {"clip", "ours", "compiled"}
+        assert seconds.keys() == {"clip", "ours", "compiled", "fused"}
         assert len({len(times) for times in seconds.values()}) == 1  # interleaved: one time of each per repeat
         assert f["details"]["compile_backend"] == "eager"  # quick mode traces with dynamo but compiles no C++
         assert f["details"]["compile_first_step_seconds"] > 0

@@ -226,36 +226,6 @@ def test_models_never_use_torch_distributed() -> None:
         assert not distributed_imports(path.read_text()), f"{path.name} uses torch.distributed"
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_cpu_bf16_attention_matches_fp32_like_flash_does(causal: bool) -> None:
-    """The math backend that `attention` picks for short bf16 sequences on CPU is as close to an fp32 reference as
-    SDPA's default (flash) backend, outputs and input gradients alike."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from bigmodel.models.layers import attention
-
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(4, 2, 65, 32, generator=generator) for _ in range(3))
-    mask = torch.ones(65, 65, dtype=torch.bool).tril()[None, None] if causal else None
-
-    def run(fn, dtype: torch.dtype) -> list[torch.Tensor]:
-        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves, mask)
-        out.float().square().sum().backward()
-        return [out.float(), *(t.grad.float() for t in leaves)]
-
-    def flash(*args: torch.Tensor) -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(*args[:3], attn_mask=args[3])
-
-    reference = run(attention, torch.float32)
-    for got, by_flash, want in zip(run(attention, torch.bfloat16), run(flash, torch.bfloat16), reference, strict=True):
-        error, flash_error = ((x - want).norm() / want.norm() for x in (got, by_flash))
-        # bf16 rounds at 2^-9 relative per value; both backends land 3e-3 to 7e-3 (relative norm) from fp32 here. The
-        # math path may be at most 1.5x further off than flash, and never past 1e-2 (a wrong mask or scale is ~1).
-        assert error <= 1.5 * flash_error and error <= 1e-2, (error, flash_error)
-
-
 def flat_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([grad.flatten() for grad in grads.values()])
 

@@ -14,7 +14,7 @@ from bigmodel.cli.main import main
 from bigmodel.config import ConfigError, load_config
 from bigmodel.data import build_train_loader
 from bigmodel.losses import active_objectives
-from bigmodel.models import build_model, layers
+from bigmodel.models import build_model, fused
 from bigmodel.models.flops import count_parameters
 from bigmodel.parallel.pipeline import PipelineStageModel, plan_stages
 from bigmodel.tools.plan import (
@@ -60,7 +60,7 @@ def test_parameter_counts_follow_the_model_and_its_pipeline_split():
         ],
         ["--model.fusion=merged"],
         ["--model.fusion=none", "--model.fusion_layers=0", "--train.loss_weights.itm=0", "--train.loss_weights.mlm=0"],
-        ["--model.activation=quick_gelu"],  # QuickGeluMLP saves the hidden twice, as one-kernel activations do
+        ["--model.activation=quick_gelu"],  # autograd through x * sigmoid(1.702 x) saves the hidden three times
     ],
     ids=["tiny", "wider", "merged", "contrastive-only", "quick-gelu"],
 )
@@ -72,14 +72,16 @@ def test_activation_model_matches_saved_tensors(overrides, bf16, monkeypatch):
 
 @pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_activation_model_matches_the_modules_path(activation, bf16, monkeypatch):
-    # With a forward hook on every linear layer (as DeepSpeed ZeRO-3 gathers its parameters), the blocks run their
-    # modules, not the fused functions: bf16 autocast casts the first norm's output for q, k and v each, and
-    # quick_gelu saves the hidden three times. The planner's `fused=False` must follow, and grow where they grow.
+def test_activation_model_follows_cpu_fused_kernels(activation, bf16, monkeypatch):
+    # model.cpu_fused_kernels: bf16 autocast casts the first norm's output once for q, k and v (the plain modules:
+    # once each), and a quick_gelu MLP saves its hidden twice (the modules: three times). The planner must follow the
+    # switch, and shrink where the saved tensors shrink.
     overrides = [f"--model.activation={activation}"]
-    predicted, measured = predicted_and_measured_activations(overrides, bf16, monkeypatch, fused=False)
-    assert predicted / measured == pytest.approx(1.0, abs=RTOL)
-    predicted_fused, measured_fused = predicted_and_measured_activations(overrides, bf16, monkeypatch, fused=True)
+    predicted, measured = predicted_and_measured_activations(overrides, bf16, monkeypatch)
+    predicted_fused, measured_fused = predicted_and_measured_activations(
+        [*overrides, "--model.cpu_fused_kernels=true"], bf16, monkeypatch
+    )
+    assert predicted_fused / measured_fused == pytest.approx(1.0, abs=RTOL)
     if bf16 or activation == "quick_gelu":
         assert measured > 1.1 * measured_fused
         assert (predicted - predicted_fused) / (measured - measured_fused) == pytest.approx(1.0, abs=RTOL)
@@ -87,22 +89,17 @@ def test_activation_model_matches_the_modules_path(activation, bf16, monkeypatch
         assert predicted == predicted_fused and measured == measured_fused
 
 
-def predicted_and_measured_activations(overrides, bf16, monkeypatch, fused: bool | None = None) -> tuple[float, int]:
-    """Predicted and measured activation bytes of the tiny model's forward, batch 16, one process. `fused=False`
-    hooks every linear layer, so the blocks run their modules; None takes the planner's default."""
+def predicted_and_measured_activations(overrides, bf16, monkeypatch) -> tuple[float, int]:
+    """Predicted and measured activation bytes of the tiny model's forward, batch 16, one process."""
     # The planner models the fused attention kernels GPUs run, which save no attention matrix; on CPU in bf16 the
-    # model picks SDPA's math path for short sequences (faster there), which does. Measure the GPU's kernel choice.
-    monkeypatch.setattr(layers, "CPU_MATH_ATTENTION_MAX_TOKENS", 0)
+    # fused blocks pick SDPA's math path for short sequences (faster there), which does. Measure the GPU's choice.
+    monkeypatch.setattr(fused, "CPU_MATH_ATTENTION_MAX_TOKENS", 0)
     cfg = load_config(TINY, [*overrides, "--train.global_batch_size=16"])
     objectives = active_objectives(cfg.train.loss_weights)
     model = build_model(cfg.model, objectives)
-    if fused is False:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.register_forward_hook(lambda *_: None)
     batch = next(iter(build_train_loader(cfg, 0, 1)))
     measured = saved_activation_bytes(model, batch, bf16)
-    predicted = activation_bytes(cfg, objectives, stages(cfg, objectives, 1)[0], 16, 1, bf16, fused=fused)
+    predicted = activation_bytes(cfg, objectives, stages(cfg, objectives, 1)[0], 16, 1, bf16)
     return predicted, measured
 
 
@@ -149,6 +146,10 @@ def test_rejections_say_why():
     small = plan_layouts(load_config("configs/10b.yaml"), Cluster(8, parse_bytes("16GB"), nodes=1))
     assert small.best is None
     assert any(r.reason.startswith("does not fit: needs") for r in small.rejected)
+    fused = plan_layouts(load_config(TINY, ["--model.cpu_fused_kernels=true"]), Cluster(8, parse_bytes("1GB"), nodes=2))
+    assert all(e.layout.tp == 1 for e in fused.fitting)
+    refused = "parallel.tp=2 is not supported with model.cpu_fused_kernels"
+    assert any(r.reason.startswith(refused) for r in fused.rejected)
 
 
 def test_activation_checkpointing_shrinks_activations():
