@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from bigmodel.bench.common import ROOT, Figure, interleaved, median, paired_ratio
-from bigmodel.checkpoint.sharded import Writeback
+from bigmodel.checkpoint.io import Purger, Writeback
 from bigmodel.config import load_config
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -46,7 +46,7 @@ def _folder_bytes(path: Path) -> int:
 
 def _raw_write(path: Path, data: bytes, writeback: bool = False) -> None:
     """Write and fsync, as the checkpoint writer does. `writeback`: in 8 MiB pieces, having the kernel start writing
-    each to the disk as the checkpoint writer does (bigmodel.checkpoint.sharded.Writeback), which overlaps the copy
+    each to the disk as the checkpoint writer does (bigmodel.checkpoint.io.Writeback), which overlaps the copy
     into the page cache with the disk's writing."""
     with open(path, "wb") as f:
         if writeback:
@@ -86,11 +86,12 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
     verify_checkpoint, then load_sharded checking the own shard as it reads it: what resuming does, from the disk)
     and cached_read ({raw, load}: both from the page cache, as the files were just written). Each interleaved.
     """
-    from bigmodel.checkpoint.sharded import load_sharded, save_sharded, wait_for_purges
+    from bigmodel.checkpoint.manifest import verify_checkpoint
+    from bigmodel.checkpoint.sharded import load_sharded, save_sharded
     from bigmodel.data import build_train_loader
     from bigmodel.engines import build_engine
     from bigmodel.parallel.context import setup_parallel
-    from bigmodel.train.loop import split_microbatches, verify_checkpoint
+    from bigmodel.train.loop import split_microbatches
 
     with tempfile.TemporaryDirectory(prefix="bigmodel-bench-ckpt-", dir=directory) as tmp:
         root = Path(tmp)
@@ -98,6 +99,7 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
         engine = build_engine(cfg, setup_parallel(cfg))
         engine.train_step(split_microbatches(next(iter(build_train_loader(cfg, 0, 1))), 1))  # AdamW state exists
         checkpoint, raw = root / "ckpt", root / "raw.bin"
+        purger = Purger()
         save_sharded(checkpoint, engine, {"step": 1})
         nbytes = _folder_bytes(checkpoint)
         data = os.urandom(nbytes)
@@ -108,7 +110,7 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
                 load_sharded(checkpoint, engine, checked or ())
 
         def verify_load() -> None:  # what a resume does: check the files, the own shard's checksum as it loads
-            load(verify_checkpoint(checkpoint, engine.ctx))
+            load(verify_checkpoint(checkpoint))
 
         def cold() -> None:
             evict(raw, checkpoint)
@@ -119,11 +121,11 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
                 {
                     "raw": lambda: _raw_write(raw, data),
                     "raw_writeback": lambda: _raw_write(raw, data, writeback=True),
-                    "save": lambda: save_sharded(checkpoint, engine, {"step": 1}),
+                    "save": lambda: save_sharded(checkpoint, engine, {"step": 1}, purger=purger),
                 },
                 repeats,
                 warmup,
-                before=wait_for_purges,  # the replaced checkpoint's deletion (background) lands on no timed call
+                before=purger.wait,  # the replaced checkpoint's deletion (background) lands on no timed call
             ),
             "read": interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup, before=cold),
             "verified_read": interleaved(
@@ -131,6 +133,7 @@ def checkpoint_times(model: list[str], repeats: int, warmup: int, directory: str
             ),
             "cached_read": interleaved({"raw": lambda: _raw_read(raw), "load": load}, repeats, warmup),
         }
+        purger.close()
         shutil.rmtree(checkpoint, ignore_errors=True)
     return times
 

@@ -1,5 +1,5 @@
-"""DeepSpeed checkpoints: saved and loaded by the deepspeed engine with bigmodel's manifest beside DeepSpeed's files,
-and converted into bigmodel's sharded (DCP) format, which the native engine and the offline tools read.
+"""DeepSpeed checkpoints converted into bigmodel's sharded (DCP) format, which the native engine and the offline tools
+read. The deepspeed engine saves and loads them itself; this module only reads their files.
 
 A checkpoint folder of the deepspeed engine (`<out_dir>/checkpoints/step_XXXXXXXX/`) is a DeepSpeed checkpoint
 directory, so DeepSpeed's own tools accept it too (`python step_XXXXXXXX/zero_to_fp32.py step_XXXXXXXX OUT`):
@@ -20,103 +20,27 @@ import math
 import os
 import pickle
 import re
-import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItem
 from tqdm import tqdm
 
+from bigmodel.checkpoint.manifest import MANIFEST_FILE, checksums, read_manifest, require_fields, verify_manifest
+from bigmodel.checkpoint.records import pack_hyperparameters
 from bigmodel.checkpoint.run import LATEST_FILE, resolve_checkpoint, step_folder
+from bigmodel.checkpoint.safe import single_process
 from bigmodel.checkpoint.sharded import FORMAT as SHARDED_FORMAT
-from bigmodel.checkpoint.sharded import (
-    MANIFEST_FILE,
-    RawRecordWriter,
-    _checksums,
-    pack_hyperparameters,
-    read_manifest,
-    verify_manifest,
-)
-
-if TYPE_CHECKING:
-    from bigmodel.engines.deepspeed import DeepSpeedEngine
+from bigmodel.checkpoint.sharded import RawRecordWriter
 
 FORMAT = "bigmodel-deepspeed-1"
+"""The manifest format of the deepspeed engine's checkpoints."""
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def save_deepspeed(
-    path: str | Path, engine: DeepSpeedEngine, extra: dict[str, Any], on_complete: Callable[[Path], None] | None = None
-) -> Path:
-    """Write `engine`'s DeepSpeed checkpoint to the folder `path` (replacing one there) and return it; every rank
-    calls it. As with save_sharded, the files go to `.tmp_<name>` beside `path`, which rank 0 renames to `path`
-    once every rank is done, then calls `on_complete(path)`. `extra` must be JSON; load_deepspeed returns it."""
-    import deepspeed
-
-    path = Path(path)
-    tag = f"global_step{extra.get('step', engine.ds.global_steps)}"
-    manifest = {
-        "format": FORMAT,
-        "step": extra.get("step"),
-        "extra": extra,
-        "layout": asdict(engine.ctx.dims),
-        "world_size": dist.get_world_size(),
-        "torch": torch.__version__,
-        "deepspeed": {"version": deepspeed.__version__, "tag": tag, "zero_stage": engine.ds.zero_optimization_stage()},
-    }
-    try:
-        json.dumps(manifest)
-    except TypeError as err:
-        raise TypeError(f"save_deepspeed: extra must be JSON ({err}); keep tensors in the engine state") from None
-    tmp = path.parent / f".tmp_{path.name}"
-    main = dist.get_rank() == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.ds.save_checkpoint(str(tmp), tag=tag, save_latest=True)  # ends with a barrier
-    if main:
-        manifest["files"] = _checksums(tmp)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        if on_complete is not None:
-            on_complete(path)
-    dist.barrier()
-    return path
-
-
-def load_deepspeed(path: str | Path, engine: DeepSpeedEngine) -> dict[str, Any]:
-    """Load the deepspeed engine's checkpoint at `path` into `engine` (model, optimizer and schedule) and return its
-    `extra`. Every rank calls it. DeepSpeed restores its partitions only into the layout that saved them, so another
-    process count or ZeRO stage is a one-line ValueError that names the conversion to use instead."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"checkpoint {path} was written by the native engine (format {manifest.get('format')}); engine=deepspeed "
-            "resumes only its own checkpoints: resume it with engine=native"
-        )
-    saved = (manifest["world_size"], manifest["deepspeed"]["zero_stage"])
-    here = (dist.get_world_size(), engine.ds.zero_optimization_stage())
-    if saved != here:
-        raise ValueError(
-            f"checkpoint {path} was saved by {saved[0]} processes at ZeRO-{saved[1]}, this run has {here[0]} at "
-            f"ZeRO-{here[1]}; resume it in the layout that saved it, or convert it with `bigmodel ckpt "
-            "from-deepspeed` and resume the result with engine=native in any layout"
-        )
-    tag = manifest["deepspeed"]["tag"]
-    loaded, _ = engine.ds.load_checkpoint(str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if loaded is None:
-        raise ValueError(f"checkpoint {path}: DeepSpeed found no checkpoint {tag} in it; use an earlier checkpoint")
-    return manifest["extra"]
 
 
 def _load(file: Path) -> dict[str, Any]:
@@ -282,10 +206,12 @@ def from_deepspeed(src: Path, out: Path, progress: bool = True) -> Path:
             f"checkpoint {src} has format {manifest.get('format')}, not a deepspeed-engine checkpoint ({FORMAT}); "
             "it needs no conversion"
         )
+    manifest = read_manifest(src, "step", "extra", "layout", "world_size", "deepspeed")
+    saved = require_fields(manifest["deepspeed"], ("tag", "zero_stage"), f"{src / MANIFEST_FILE}'s deepspeed")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; convert into a new directory")
     verify_manifest(src)
-    reader = ZeroCheckpoint(src / manifest["deepspeed"]["tag"], manifest["deepspeed"]["zero_stage"])
+    reader = ZeroCheckpoint(src / saved["tag"], saved["zero_stage"])
 
     config = json.loads(json.dumps(manifest["extra"]["config"]))
     config["engine"] = "native"
@@ -314,7 +240,9 @@ def from_deepspeed(src: Path, out: Path, progress: bool = True) -> Path:
     tmp = path.parent / f".tmp_{path.name}"
     with tqdm(total=len(produce), desc="convert", unit="tensor", disable=not progress, file=sys.stderr) as bar:
         state = {"model": model, "optim": optim, "scheduler": reader.scheduler}
-        dcp.save(state, storage_writer=RawRecordWriter(tmp), planner=_StreamingSavePlanner(produce, bar), no_dist=True)
+        with single_process():  # a process of its own, even where a process group exists
+            planner = _StreamingSavePlanner(produce, bar)
+            dcp.save(state, storage_writer=RawRecordWriter(tmp), planner=planner, no_dist=True)
     extra = manifest["extra"] | {"config": config, "converted_from": str(src)}
     converted = {
         "format": SHARDED_FORMAT,
@@ -324,7 +252,7 @@ def from_deepspeed(src: Path, out: Path, progress: bool = True) -> Path:
         "layout": manifest["layout"],
         "world_size": manifest["world_size"],
         "torch": torch.__version__,
-        "files": _checksums(tmp),
+        "files": checksums(tmp),
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(converted, indent=2), encoding="utf-8")
     os.replace(tmp, path)

@@ -41,17 +41,13 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from tqdm import tqdm
 
+from bigmodel.checkpoint.io import return_freed_memory
+from bigmodel.checkpoint.manifest import MANIFEST_FILE, checksums, read_manifest, verify_manifest
+from bigmodel.checkpoint.records import tensor_bytes
 from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.safe import OnceReadReader, load_dcp
-from bigmodel.checkpoint.sharded import (
-    MANIFEST_FILE,
-    _checksums,
-    read_manifest,
-    read_sharded_manifest,
-    tensor_bytes,
-    verify_manifest,
-)
-from bigmodel.checkpoint.tools import consolidate, return_freed_memory, saved_config
+from bigmodel.checkpoint.sharded import read_sharded_manifest
+from bigmodel.checkpoint.tools import consolidate, saved_config
 from bigmodel.config.load import config_from_dict
 from bigmodel.config.schema import Config, ParallelConfig
 from bigmodel.losses import active_objectives
@@ -134,13 +130,13 @@ class RankSlices:
 def _param_of(key: str) -> tuple[str | None, Literal["tensor", "scalar", "other"]]:
     """The parameter a stored key belongs to, and how it is laid out: "tensor" (the parameter's shape and split),
     "scalar" (a whole value every rank holding the parameter reads: AdamW's step, hyper-parameters) or "other" (the
-    schedule: every rank). Keys follow engine_state_dict's form."""
+    schedule: every rank). Keys follow the engines' state_dict form (bigmodel.checkpoint.sharded)."""
     if key.startswith("model."):
         return key.removeprefix("model."), "tensor"
     if key.startswith("optim.state."):
         param, _, field = key.removeprefix("optim.state.").rpartition(".")
         return param, "scalar" if field == "step" else "tensor"
-    if key.startswith("optim.param_groups."):  # one item per parameter (sharded.pack_hyperparameters)
+    if key.startswith("optim.param_groups."):  # one item per parameter (records.pack_hyperparameters)
         return key.removeprefix("optim.param_groups."), "scalar"
     return None, "other"
 
@@ -313,5 +309,5 @@ def _write_manifest(src: Path, folder: Path, dims: ParallelDims) -> None:
         "torch": torch.__version__,
     }
     manifest.pop("files", None)
-    manifest["files"] = _checksums(folder)
+    manifest["files"] = checksums(folder)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, PendingSave, purge, read_manifest, save_sharded_async
+from bigmodel.checkpoint.io import Purger, remove_folder
+from bigmodel.checkpoint.manifest import MANIFEST_FILE, read_manifest
+from bigmodel.checkpoint.sharded import Checkpointable, PendingSave, save_sharded
 
 LATEST_FILE = "latest"
 
@@ -22,32 +25,34 @@ def step_folder(run_dir: Path, step: int) -> Path:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    engine,
+    state: Checkpointable,
     extra: dict[str, Any],
     keep: int,
-    background: bool = False,
+    async_: bool = False,
     group: dist.ProcessGroup | None = None,
-) -> PendingSave | Path:
-    """Save checkpoint `step` (every rank calls this); once it is complete, the main rank points `latest` at it and
-    deletes all but the newest `keep` complete checkpoints.
-
-    By default the save is complete when this returns its folder. With `background` it is written by a thread
-    and a PendingSave is returned; `group` is then a gloo group used only for checkpoints (None in a single
-    process; see save_sharded_async)."""
+    purger: Purger | None = None,
+) -> PendingSave:
+    """Save `state` as checkpoint `step` of the run (every rank calls this; see save_sharded for `async_`, `group`
+    and `purger`); once it is complete, the main rank points `latest` at it and deletes all but the newest `keep`."""
     folder = step_folder(run_dir, step)
-    extra = extra | {"step": step}
+    on_complete = point_latest(keep, purger)
+    return save_sharded(folder, state, extra | {"step": step}, on_complete, async_, group, purger)
 
-    def point_latest(path: Path) -> None:  # runs on the main rank only
+
+def point_latest(keep: int, purger: Purger | None = None) -> Callable[[Path], None]:
+    """What completes a run's checkpoint, on the main rank: point `latest` at it (atomically) and delete all but the
+    newest `keep` complete checkpoints (in the background with a purger: the ranks waiting at the next barrier do
+    not wait for the filesystem). For the engines that write their own files."""
+
+    def completed(path: Path) -> None:
         root = path.parent
         pointer = root / f".{LATEST_FILE}.tmp"
         pointer.write_text(path.name, encoding="utf-8")
         os.replace(pointer, root / LATEST_FILE)
         for old in complete_checkpoints(root)[:-keep]:
-            purge(old)  # in the background: the ranks waiting at the next barrier do not wait for the filesystem
+            remove_folder(old, purger)
 
-    if not background:
-        return engine.save_checkpoint(folder, extra, on_complete=point_latest)
-    return save_sharded_async(folder, engine, extra, group, on_complete=point_latest)
+    return completed
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -87,7 +92,7 @@ def find_resume_checkpoint(spec: str, run_dir: Path) -> Path | None:
 
 def check_same_model(path: Path, model: dict[str, Any], objectives: tuple[str, ...]) -> None:
     """ValueError (one line, naming the first differing field) if the checkpoint at `path` holds another model."""
-    saved = read_manifest(path)["extra"].get("config")
+    saved = read_manifest(path, "extra")["extra"].get("config")
     if saved is None:
         return
     for key, value in model.items():

@@ -10,7 +10,7 @@ stores them as raw bytes, which nothing unpickles.
 `SafeReader` unpickles the index with an allow-list of DCP's own metadata classes and reads tensors as the raw
 bytes bigmodel stores them in (`bigmodel.checkpoint.sharded.RawRecordWriter`: nothing to unpickle), and
 `SafeLoadPlanner` reads non-tensor items (bigmodel stores plain numbers, strings, tuples, lists, dicts and None as a
-pickle that names no class: `plain_record`) with an unpickler that refuses every global, or, where the item is a
+pickle that names no class: `records.plain_record`) with an unpickler that refuses every global, or, where the item is a
 torch.save record, with `torch.load(weights_only=True)`. Either refuses anything else with `UnsafeCheckpointError`,
 a one-line ValueError naming the file, before building the object. Every bigmodel load of a DCP checkpoint goes
 through `load_dcp` or these two classes.
@@ -18,14 +18,17 @@ through `load_dcp` or these two classes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import pickle
-import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index  # what FileSystemReader.read_data uses
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
@@ -35,7 +38,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.tensor import DTensor
 
-from bigmodel.checkpoint.sharded import tensor_bytes
+from bigmodel.checkpoint.records import UnsafeCheckpointError, read_plain_record, tensor_bytes
 
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 # Everything torch 2.13's DCP writes into `.metadata`; each is a plain record or a lookup by name, so building one
@@ -60,10 +63,6 @@ _METADATA_GLOBALS = frozenset(
         ("collections", "OrderedDict"),
     }
 )
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds a pickled object that is not plain checkpoint data; nothing of it was run."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -184,43 +183,6 @@ class OnceReadReader(SafeReader):
         return self._metadata
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Builds numbers, strings, bytes, None, tuples, lists, sets and dicts only (a `plain_record`): every reference
-    to a class or function is refused before it is imported, so nothing can be called."""
-
-    def __init__(self, file: IO[bytes], fqn: str) -> None:
-        super().__init__(file)
-        self.fqn = fqn
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise _not_plain(self.fqn, f"{module}.{name}")
-
-
-def _not_plain(fqn: str, found: str) -> UnsafeCheckpointError:
-    return UnsafeCheckpointError(
-        f"checkpoint item {fqn} holds a pickled {found}, which is not plain data; refusing to load it (the checkpoint "
-        "is crafted or corrupt)"
-    )
-
-
-def read_plain_record(value: IO[bytes], fqn: str) -> Any:
-    """A non-tensor item: a `plain_record` (bigmodel.checkpoint.sharded), read with _PlainUnpickler, or a torch.save
-    record (DCP's default, and what bigmodel stores for anything but plain data), read with weights_only=True."""
-    if value.read(1) == pickle.PROTO:
-        value.seek(0)
-        try:
-            return _PlainUnpickler(value, fqn).load()
-        except UnsafeCheckpointError:
-            raise
-        except Exception as err:  # truncated or garbage: any unpickling error
-            raise ValueError(f"checkpoint item {fqn} is not a readable record ({type(err).__name__}: {err})") from None
-    value.seek(0)
-    try:
-        return torch.load(value, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise _not_plain(fqn, _refused_global(err)) from None
-
-
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner that reads non-tensor items with read_plain_record, and reads a tensor whose local piece is
     exactly one stored chunk (every tensor of a load into the layout that saved it) as that chunk, without DCP's
@@ -288,11 +250,14 @@ def _whole_chunk_read(fqn: str, stored: Any, obj: Any) -> ReadItem | None:
     return None
 
 
-def _refused_global(err: Exception) -> str:
-    """The global torch's weights_only unpickler refused, from its message (which otherwise advises
-    weights_only=False: exactly what must not be done with an untrusted file)."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    return found[1] if found else "object"
+@contextlib.contextmanager
+def single_process() -> Iterator[bool]:
+    """Whether DCP runs without a process group here (`no_dist`), with torch's warning that it then assumes a single
+    process silenced for the block: torch 2.13 gives it even where the caller passes no_dist=True, and a one-process
+    save or resume is meant, not something the user must hear about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is .*assuming the intent is to .* in a single process")
+        yield not dist.is_initialized()
 
 
 def load_dcp(state: dict[str, Any], path: str | Path | SafeReader, collective: bool = True) -> None:
@@ -305,7 +270,8 @@ def load_dcp(state: dict[str, Any], path: str | Path | SafeReader, collective: b
     reader = path if isinstance(path, SafeReader) else OnceReadReader(path)
     reader.read_metadata()
     try:
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not collective)
+        with single_process() as alone:
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=alone or not collective)
     except CheckpointException as err:
         # DCP wraps what a step raised on each rank; a refusal (or another bad-input error) is re-raised as itself.
         for exception, _ in err.failures.values():

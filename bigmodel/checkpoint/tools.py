@@ -8,8 +8,6 @@ resolve_checkpoint).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import struct
 from collections.abc import Callable, Iterator
@@ -22,9 +20,11 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
+from bigmodel.checkpoint.io import return_freed_memory
+from bigmodel.checkpoint.manifest import MANIFEST_FILE, read_manifest, verify_manifest
 from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.safe import OnceReadReader, load_dcp
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, read_manifest, read_sharded_manifest, verify_manifest
+from bigmodel.checkpoint.sharded import read_sharded_manifest
 
 MODEL_PREFIX = "model."
 
@@ -45,31 +45,10 @@ _SAFETENSORS_DTYPES = {
 
 def saved_config(path: Path) -> dict[str, Any]:
     """The resolved config dict the checkpoint at `path` was saved with; ValueError (one line) if it has none."""
-    config = read_manifest(path)["extra"].get("config")
+    config = read_manifest(path, "extra")["extra"].get("config")
     if config is None:
         raise ValueError(f"checkpoint {path} has no config in {MANIFEST_FILE}; it was not written by bigmodel train")
     return config
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's freed blocks back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    The streaming tools free each tensor before reading the next, but glibc keeps freed multi-MB blocks in the heap
-    (its mmap threshold grows after the first large frees), so the resident size would creep up by a few tensors'
-    worth of fragments; trimming once per tensor keeps the peak at what is really held."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
 
 
 class ModelTensors:
@@ -122,7 +101,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     and checksums ("ok" or verify_manifest's error).
     """
     path = resolve_checkpoint(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, "extra")
     config = manifest["extra"].get("config") or {}
     tensors = ModelTensors(path).shapes
     weights = config.get("train", {}).get("loss_weights", {})

@@ -7,7 +7,7 @@ how the optimizer is sharded is the engine's business.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bigmodel.checkpoint.io import Purger
+from bigmodel.checkpoint.sharded import PendingSave
 from bigmodel.parallel.context import ParallelContext
 
 
@@ -61,19 +63,22 @@ class Engine(ABC):
             stacked /= self.ctx.dims.dp
         return dict(zip(names, stacked.tolist(), strict=True))
 
+    @abstractmethod
     def save_checkpoint(
-        self, path: Path, extra: dict[str, Any], on_complete: Callable[[Path], None] | None = None
-    ) -> Path:
-        """Write this engine's state to the checkpoint folder `path` with bigmodel's manifest (JSON `extra` in it),
-        then call `on_complete(path)` on rank 0; every rank calls it. Default: the layout-independent sharded format
-        (bigmodel.checkpoint.sharded); the deepspeed engine writes DeepSpeed's own files."""
-        from bigmodel.checkpoint.sharded import save_sharded
+        self,
+        run_dir: Path,
+        step: int,
+        extra: dict[str, Any],
+        keep: int,
+        async_: bool = False,
+        group: dist.ProcessGroup | None = None,
+        purger: Purger | None = None,
+    ) -> PendingSave:
+        """Save this engine's state as checkpoint `step` of the run `run_dir` with bigmodel's manifest (JSON `extra`
+        in it), point `latest` at it and keep the newest `keep` (bigmodel.checkpoint.run); every rank calls it.
+        `async_`, `group` and `purger` as for bigmodel.checkpoint.sharded.save_sharded."""
 
-        return save_sharded(path, self, extra, on_complete=on_complete)
-
+    @abstractmethod
     def load_checkpoint(self, path: Path, checked: Collection[str] = ()) -> dict[str, Any]:
         """Load the checkpoint folder `path` into this engine and return its `extra`; every rank calls it. `checked`:
         files whose checksums the load checks as it reads them (`load_sharded`)."""
-        from bigmodel.checkpoint.sharded import load_sharded
-
-        return load_sharded(path, self, checked)

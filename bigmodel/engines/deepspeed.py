@@ -1,157 +1,40 @@
 """The DeepSpeed engine: the same model, data, loss, optimizer and schedule as the native engine, with DeepSpeed's
 ZeRO stages 0-3 (optionally offloading optimizer state and, at stage 3, parameters to CPU memory) over all ranks.
 
-DeepSpeed's config is generated from bigmodel's (`deepspeed_config`), so both engines train alike: torch's AdamW
-(bigmodel's two parameter groups) as the client optimizer, bigmodel's warmup + cosine LambdaLR as the client
-schedule, clipping and accumulation set explicitly, bf16 as torch autocast with fp32 weights and fp32 reductions.
-A user's ds_config.json (`deepspeed.config_file`) is merged over it. Checkpoints are DeepSpeed's own files with
-bigmodel's manifest beside them (bigmodel.checkpoint.deepspeed).
+DeepSpeed's config is generated from bigmodel's (`bigmodel.config.deepspeed.deepspeed_config`), so both engines
+train alike: torch's AdamW (bigmodel's two parameter groups) as the client optimizer, bigmodel's warmup + cosine
+LambdaLR as the client schedule, clipping and accumulation set explicitly, bf16 as torch autocast with fp32 weights
+and fp32 reductions. A user's ds_config.json (`deepspeed.config_file`) is merged over it. Checkpoints are
+DeepSpeed's own files with bigmodel's manifest beside them (`save_checkpoint`; bigmodel.checkpoint.deepspeed
+describes the folder and converts it).
 
 This module imports deepspeed only when an engine is built, so configs can be checked without it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Collection, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bigmodel.config.errors import ConfigError
+from bigmodel.checkpoint.deepspeed import FORMAT as DEEPSPEED_FORMAT
+from bigmodel.checkpoint.io import Purger
+from bigmodel.checkpoint.manifest import MANIFEST_FILE, read_manifest, require_fields, verify_manifest
+from bigmodel.checkpoint.run import point_latest, step_folder
+from bigmodel.checkpoint.sharded import PendingSave, start_save
+from bigmodel.config.deepspeed import deepspeed_config
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import Engine, StepStats
 from bigmodel.losses import active_objectives, total_loss
 from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.env import DistEnv
-
-# DeepSpeed keys whose value bigmodel derives from its own config: a user's JSON may repeat them, not change them.
-# Each maps to the bigmodel field to change instead.
-OWNED_KEYS = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.global_batch_size / train.grad_accum",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "train.grad_clip",
-    "zero_optimization.stage": "parallel.zero_stage",
-    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
-    "zero_optimization.offload_param.device": "deepspeed.offload_param",
-    "bf16.enabled": "train.precision",
-    "fp16.enabled": "train.precision",
-    "torch_autocast.enabled": "train.precision",
-    "torch_autocast.dtype": "train.precision",
-}
-REFUSED_SECTIONS = {
-    "optimizer": "bigmodel passes torch AdamW built from train.lr, train.beta1/beta2, train.eps, train.weight_decay",
-    "scheduler": "bigmodel passes its warmup + cosine schedule built from train.warmup_steps and train.min_lr_ratio",
-    "pipeline": "the deepspeed engine does not run pipelines; use engine=native for parallel.pp > 1",
-}
-
-
-def generated_config(cfg: Config) -> dict[str, Any]:
-    """DeepSpeed's config for `cfg` before a user's JSON is merged in: every value that changes the arithmetic set
-    explicitly (DeepSpeed's own defaults differ, e.g. gradient_clipping 1.0), buckets sized for CPU memory."""
-    t, p, d = cfg.train, cfg.parallel, cfg.deepspeed
-    dp = p.dp_replicate * p.dp_shard
-    bf16 = t.precision == "bf16"
-    zero: dict[str, Any] = {
-        "stage": p.zero_stage,
-        "reduce_bucket_size": d.bucket_size,
-        "allgather_bucket_size": d.bucket_size,
-        "overlap_comm": False,
-        "contiguous_gradients": True,
-    }
-    if p.zero_stage == 3:
-        zero |= {
-            "stage3_prefetch_bucket_size": d.bucket_size,
-            "stage3_param_persistence_threshold": d.param_persistence_threshold,
-            "stage3_gather_16bit_weights_on_model_save": False,
-        }
-    if p.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu" if d.offload_optimizer else "none"}
-    if p.zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu" if d.offload_param else "none"}
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.global_batch_size // (t.grad_accum * dp),
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        # bigmodel's bf16 is autocast over fp32 weights, gradients, reductions and optimizer state (as in the native
-        # engine); an empty module list keeps DeepSpeed from reducing Linear/Conv gradients in bf16.
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
-        # torch.optim.AdamW with the optimizer state in CPU memory: DeepSpeed would insist on its C++ CPU Adam.
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both_dicts else value
-    return merged
-
-
-def read_user_config(path: str) -> dict[str, Any]:
-    """The JSON object in `path`; ConfigError (one line) if it is missing or not a JSON object."""
-    try:
-        user = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.config_file={path} does not exist; fix the path or leave it empty") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed.config_file={path} is not valid JSON ({err}); fix the file") from None
-    if not isinstance(user, dict):
-        raise ConfigError(f"deepspeed.config_file={path} must hold a JSON object; it holds a {type(user).__name__}")
-    return user
-
-
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed config this run uses: `generated_config(cfg)` with `deepspeed.config_file` merged over it.
-
-    Raises ConfigError (one line naming both values and the fix) if the JSON changes a value bigmodel owns
-    (OWNED_KEYS) or brings an optimizer, scheduler or pipeline section.
-    """
-    generated = generated_config(cfg)
-    if not cfg.deepspeed.config_file:
-        return generated
-    path = cfg.deepspeed.config_file
-    user = read_user_config(path)
-    for section, reason in REFUSED_SECTIONS.items():
-        if section in user:
-            raise ConfigError(f"deepspeed.config_file={path} has a {section!r} section; remove it ({reason})")
-    ours, theirs = _flatten(generated), _flatten(user)
-    for key, field in OWNED_KEYS.items():
-        if key in theirs and key in ours and theirs[key] != ours[key]:
-            raise ConfigError(
-                f"deepspeed.config_file={path} sets {key}={theirs[key]!r} but bigmodel's config gives "
-                f"{ours[key]!r} (from {field}); remove {key} from the JSON or change {field}"
-            )
-        if key in theirs and key not in ours and theirs[key] not in (False, "none", None):
-            raise ConfigError(
-                f"deepspeed.config_file={path} sets {key}={theirs[key]!r}, which this layout does not use "
-                f"(from {field}); remove it from the JSON or change {field}"
-            )
-    return _merge(generated, user)
 
 
 def _quiet_deepspeed() -> None:
@@ -327,20 +210,72 @@ class DeepSpeedEngine(Engine):
         ]
         return {"params": _unique_bytes(params), "optimizer": _unique_bytes(optimizer)}
 
-    def save_checkpoint(self, path: Path, extra: dict[str, Any], on_complete=None) -> Path:
-        """DeepSpeed's checkpoint of this engine in the folder `path`, with bigmodel's manifest (every rank)."""
-        from bigmodel.checkpoint.deepspeed import save_deepspeed
+    def save_checkpoint(
+        self,
+        run_dir: Path,
+        step: int,
+        extra: dict[str, Any],
+        keep: int,
+        async_: bool = False,
+        group: dist.ProcessGroup | None = None,
+        purger: Purger | None = None,
+    ) -> PendingSave:
+        """DeepSpeed's checkpoint of this engine in the run's step folder, with bigmodel's manifest (every rank). As
+        with the sharded format, the files go to `.tmp_<name>` beside it, which rank 0 renames once every rank is
+        done, then points `latest` at it. DeepSpeed writes synchronously: `async_` and `group` do not apply."""
+        import deepspeed
 
-        return save_deepspeed(path, self, extra, on_complete)
+        if async_:
+            raise ValueError("DeepSpeed writes its checkpoints synchronously; set checkpoint.async_save=false")
+        tag = f"global_step{step}"
+        manifest = {
+            "format": DEEPSPEED_FORMAT,
+            "step": step,
+            "extra": extra | {"step": step},
+            "layout": asdict(self.ctx.dims),
+            "world_size": dist.get_world_size(),
+            "torch": torch.__version__,
+            "deepspeed": {
+                "version": deepspeed.__version__,
+                "tag": tag,
+                "zero_stage": self.ds.zero_optimization_stage(),
+            },
+        }
+        pending = start_save(step_folder(run_dir, step), manifest, point_latest(keep, purger), purger)
+        self.ds.save_checkpoint(str(pending.tmp), tag=tag, save_latest=True)  # ends with a barrier
+        pending.finish()
+        dist.barrier()
+        pending.wait()
+        return pending
 
     def load_checkpoint(self, path: Path, checked: Collection[str] = ()) -> dict[str, Any]:
-        """Load a checkpoint this engine saved (same layout) and return its `extra` (every rank). `checked`: files
-        whose checksums are checked first (DeepSpeed's loader reads its files itself)."""
-        from bigmodel.checkpoint.deepspeed import load_deepspeed
-        from bigmodel.checkpoint.sharded import verify_manifest
-
+        """Load a checkpoint this engine saved and return its `extra` (every rank). `checked`: files whose checksums
+        are checked first (DeepSpeed's loader reads its files itself). DeepSpeed restores its partitions only into
+        the layout that saved them, so another process count or ZeRO stage is a one-line ValueError that names the
+        conversion to use instead."""
         verify_manifest(path, checked, unlisted=False)
-        return load_deepspeed(path, self)
+        manifest = read_manifest(path, "extra")
+        if manifest.get("format") != DEEPSPEED_FORMAT:
+            raise ValueError(
+                f"checkpoint {path} was written by the native engine (format {manifest.get('format')}); "
+                "engine=deepspeed resumes only its own checkpoints: resume it with engine=native"
+            )
+        manifest = read_manifest(path, "world_size", "deepspeed")
+        saved = require_fields(manifest["deepspeed"], ("tag", "zero_stage"), f"{path / MANIFEST_FILE}'s deepspeed")
+        here = (dist.get_world_size(), self.ds.zero_optimization_stage())
+        if (manifest["world_size"], saved["zero_stage"]) != here:
+            raise ValueError(
+                f"checkpoint {path} was saved by {manifest['world_size']} processes at ZeRO-{saved['zero_stage']}, "
+                f"this run has {here[0]} at ZeRO-{here[1]}; resume it in the layout that saved it, or convert it with "
+                "`bigmodel ckpt from-deepspeed` and resume the result with engine=native in any layout"
+            )
+        tag = saved["tag"]
+        loaded, _ = self.ds.load_checkpoint(
+            str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise ValueError(f"checkpoint {path}: DeepSpeed found no checkpoint {tag} in it; use an earlier checkpoint")
+        return manifest["extra"]
 
 
 def _unique_bytes(tensors) -> int:

@@ -6,14 +6,29 @@ must reproduce.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from bigmodel.checkpoint.io import Purger
+from bigmodel.checkpoint.records import pack_hyperparameters, unpack_hyperparameters
+from bigmodel.checkpoint.run import save_checkpoint
+from bigmodel.checkpoint.sharded import PendingSave, load_sharded
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import Engine, StepStats
+from bigmodel.engines.state import (
+    IMPLEMENTATION_KEYS,
+    load_model_state,
+    load_parts_optimizer_state,
+    model_state,
+    parts_optimizer_state,
+)
 from bigmodel.losses import active_objectives, total_loss
 from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
@@ -40,7 +55,9 @@ class NativeEngine(Engine):
         dims = ctx.dims
         self.zero: ZeroOptimizer | None = None
         if dims.dp > 1 and dims.zero_stage < 3:
-            self.zero = ZeroOptimizer(self.model, cfg.train, ctx.meshes.dp, dims.zero_stage)
+            self.zero = ZeroOptimizer(
+                self.model, cfg.train, ctx.meshes.dp, dims.zero_stage, gloo_transport=cfg.parallel.gloo_transport
+            )
             self.optimizer = self.zero.optimizer
         else:
             self.optimizer = build_optimizer(self.model, cfg.train, foreach=dims.zero_stage == 3)
@@ -151,3 +168,50 @@ class NativeEngine(Engine):
         """This rank's bytes of parameters, gradients and optimizer state (call between backward and zero_grad,
         or after a step for parameters and optimizer state)."""
         return model_state_bytes(self.model, self.zero or self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """`{"model": ..., "optim": ..., "scheduler": ...}` keyed by the unsplit model's names, what a checkpoint
+        stores (bigmodel.engines.state). Tensors are this rank's shards or whole tensors sharing storage with the model
+        and the optimizer where they can, so `dcp.load` into this dict loads in place. Every rank calls it (a
+        collective for ZeroOptimizer stages 1 and 2)."""
+        parts = self.model_parts()
+        model = model_state(parts)
+        if self.zero is not None:
+            optim = pack_hyperparameters(self.zero.fqn_state_dict())
+        else:
+            optim = parts_optimizer_state(parts, self.optimizer, packed=True)
+        return {"model": model, "optim": optim, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put `state` (state_dict's form, saved in any layout, filled by `dcp.load`) into the model, optimizer and
+        schedule; the optimizer keeps its own implementation settings (IMPLEMENTATION_KEYS)."""
+        optim = unpack_hyperparameters(state["optim"])
+        implementation = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in self.optimizer.param_groups]
+        load_model_state(self.model_parts(), state["model"])
+        if self.zero is not None:
+            self.zero.load_fqn_state_dict(optim)
+        else:
+            load_parts_optimizer_state(self.model_parts(), self.optimizer, optim)
+        for group, own in zip(self.optimizer.param_groups, implementation, strict=True):
+            group.update(own)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def layout(self) -> dict[str, Any]:
+        """The ParallelDims this engine runs in, as the manifest records it."""
+        return asdict(self.ctx.dims)
+
+    def save_checkpoint(
+        self,
+        run_dir: Path,
+        step: int,
+        extra: dict[str, Any],
+        keep: int,
+        async_: bool = False,
+        group: dist.ProcessGroup | None = None,
+        purger: Purger | None = None,
+    ) -> PendingSave:
+        """The layout-independent sharded format (bigmodel.checkpoint.sharded), of state_dict()."""
+        return save_checkpoint(run_dir, step, self, extra, keep, async_, group, purger)
+
+    def load_checkpoint(self, path: Path, checked: Collection[str] = ()) -> dict[str, Any]:
+        return load_sharded(path, self, checked)

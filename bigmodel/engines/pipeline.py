@@ -134,7 +134,9 @@ class PipelineEngine(NativeEngine):
         self.schedule = schedule_class(stage_arg, cfg.parallel.microbatches, loss_fn=self.loss_fn, scale_grads=True)
         self.zero = None
         if ctx.dims.dp > 1 and ctx.dims.zero_stage < 3:
-            self.zero = ZeroOptimizer(self.model, cfg.train, ctx.meshes.dp, ctx.dims.zero_stage)
+            self.zero = ZeroOptimizer(
+                self.model, cfg.train, ctx.meshes.dp, ctx.dims.zero_stage, gloo_transport=cfg.parallel.gloo_transport
+            )
             self.optimizer = self.zero.optimizer
         else:
             self.optimizer = build_optimizer(self.model, cfg.train)

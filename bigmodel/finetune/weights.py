@@ -80,8 +80,8 @@ def _strip(name: str, prefix: str) -> str | None:
 
 
 def _checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from bigmodel.checkpoint.manifest import verify_manifest
     from bigmodel.checkpoint.run import resolve_checkpoint
-    from bigmodel.checkpoint.sharded import verify_manifest
     from bigmodel.checkpoint.tools import ModelTensors, saved_config
 
     path = resolve_checkpoint(path)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from bigmodel.checkpoint.run import resolve_checkpoint, save_checkpoint
-from bigmodel.checkpoint.sharded import verify_manifest
+from bigmodel.checkpoint.manifest import verify_manifest
+from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.tools import ModelTensors, SafetensorsEntry, saved_config, write_safetensors
 from bigmodel.hf.clip import (
     bigmodel_key,
@@ -143,4 +143,4 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str = "builtin") -
         "config": config_to_dict(cfg),
         "imported_from": str(hf_dir),
     }
-    return save_checkpoint(out, 0, engine, extra, keep=1)
+    return engine.save_checkpoint(out, 0, extra, keep=1).path

@@ -62,8 +62,8 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     """
     import dataclasses
 
+    from bigmodel.checkpoint.manifest import verify_manifest
     from bigmodel.checkpoint.run import resolve_checkpoint
-    from bigmodel.checkpoint.sharded import load_sharded, verify_manifest
     from bigmodel.config.schema import ParallelConfig
     from bigmodel.data import build_eval_loader
     from bigmodel.engines import build_engine
@@ -79,5 +79,5 @@ def evaluate_checkpoint(cfg, checkpoint: str) -> dict[str, float]:
     engine = build_engine(cfg, ctx)
     path = resolve_checkpoint(checkpoint)
     verify_manifest(path)
-    load_sharded(path, engine)
+    engine.load_checkpoint(path)
     return evaluate(engine, eval_loader)

@@ -1,7 +1,7 @@
 """The training loop: data in, engine steps, metrics, evaluation and checkpoints out.
 
-One process for now; the loop talks to an Engine and a data loader that already know their data-parallel rank,
-so the parallel engines plug in without changing it.
+The same loop runs every layout and both engines: it talks to an Engine and a data loader that already know their
+data-parallel rank, and hands checkpointing the engine's state (the engine saves it through bigmodel.checkpoint).
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, save_checkpoint, step_folder
-from bigmodel.checkpoint.sharded import (
-    PendingSave,
-    checked_while_loading,
-    read_manifest,
-    verify_manifest,
-    verify_shares,
-)
+from bigmodel.checkpoint.io import Purger
+from bigmodel.checkpoint.manifest import require_fields, verify_checkpoint
+from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, step_folder
+from bigmodel.checkpoint.sharded import PendingSave
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.data import build_eval_loader, build_train_loader
 from bigmodel.engines import Engine, build_engine
@@ -37,6 +33,9 @@ from bigmodel.train.metrics import MetricsLogger, NullLogger, measure_matmul_pea
 from bigmodel.train.profile import StepProfiler
 from bigmodel.train.runtime import configure_threads, seed_everything, set_deterministic
 from bigmodel.train.stop import StopRequest
+
+RESUME_FIELDS = ("step", "samples_seen", "loader")
+"""What a resume takes from a checkpoint's `extra` besides the engine's state (Trainer.save writes them)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,6 +115,7 @@ class Trainer:
         """Per recorded pipeline step, each pipeline rank's timeline events (log.pp_timeline_step)."""
         self.stopped_by: str | None = None
         self.pending: PendingSave | None = None  # a background save still being written
+        self.purger = Purger()  # deletes replaced and retired checkpoints in the background
         log = cfg.log
         self.profiler = StepProfiler(
             log.profile_step, log.profile_steps, cfg.train.steps, run_dir / "profile", ctx.env.rank, ctx.is_main
@@ -144,14 +144,11 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "config": config_to_dict(self.cfg),
         }
-        background = self.cfg.checkpoint.async_save
-        saved = save_checkpoint(
-            self.run_dir, step, self.engine, extra, self.cfg.checkpoint.keep, background, self.checkpoint_group
+        checkpoint = self.cfg.checkpoint
+        self.pending = self.engine.save_checkpoint(
+            self.run_dir, step, extra, checkpoint.keep, checkpoint.async_save, self.checkpoint_group, self.purger
         )
-        if isinstance(saved, PendingSave):
-            self.pending = saved
-            return saved.path
-        return saved
+        return self.pending.path
 
     def finish_save(self, only_if_done: bool = False) -> None:
         """Wait for a background save to complete (with `only_if_done`, only collect one that already has)."""
@@ -185,10 +182,10 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"note: no checkpoint in {self.run_dir} yet; starting from step 0", file=sys.stderr)
             return 0
-        checked = verify_checkpoint(path, self.ctx)
+        checked = verify_checkpoint(path)
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
-        extra = self.engine.load_checkpoint(path, checked)
+        extra = require_fields(self.engine.load_checkpoint(path, checked), RESUME_FIELDS, f"{path}'s manifest extra")
         self.loader.load_state_dict(extra["loader"])
         self.samples_seen = extra["samples_seen"]
         if self.ctx.is_main:
@@ -306,32 +303,6 @@ class Trainer:
         return TrainResult(self.run_dir, final_loss, before, after, checkpoint)
 
 
-def verify_checkpoint(path: Path, ctx: ParallelContext) -> list[str]:
-    """Check the checkpoint's files against its manifest, shared out over the ranks (`verify_shares`: each rank its
-    own shard file, so a resume reads the checkpoint once in parallel instead of the main rank reading all of it),
-    and raise the same one-line ValueError on every rank if any file is missing or changed (the first failing rank's),
-    so no rank waits in a collective for a failed one. The main rank also looks for unlisted files.
-
-    Returns the files of this rank's share whose checksums are left to the load, which hashes them as it reads them
-    (`checked_while_loading`: its own shard file when resuming with as many ranks); here they are only found present.
-    """
-    problem, deferred = None, []
-    try:
-        manifest = read_manifest(path)
-        share = verify_shares(manifest["files"], ctx.env.world_size)[ctx.env.rank]
-        deferred = [n for n in checked_while_loading(manifest, ctx.env.rank, ctx.env.world_size) if n in share]
-        verify_manifest(path, [n for n in share if n not in deferred], unlisted=ctx.is_main, present=deferred)
-    except ValueError as err:
-        problem = str(err)
-    if ctx.env.distributed:
-        problems: list[str | None] = [None] * ctx.env.world_size
-        torch.distributed.all_gather_object(problems, problem)
-        problem = next((p for p in problems if p), None)
-    if problem:
-        raise ValueError(problem)
-    return deferred
-
-
 def gather_to_main(value: Any, ctx: ParallelContext) -> list[Any]:
     """Every rank's `value` (picklable), in rank order, on the main rank; [] elsewhere. All ranks must call it."""
     if not ctx.env.distributed:
@@ -357,11 +328,14 @@ def train(cfg: Config, ctx: ParallelContext | None = None) -> TrainResult:
     engine = build_engine(cfg, ctx)
     logger = MetricsLogger(cfg, run_dir, config_to_dict(cfg)) if ctx.is_main else NullLogger()
     stop = StopRequest().install() if cfg.checkpoint.save_on_signal else StopRequest()
+    trainer = None
     try:
         trainer = Trainer(cfg, ctx, run_dir, engine, loader, eval_loader, logger, stop)
         start = trainer.resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else 0
         return trainer.fit(start)
     finally:
+        if trainer is not None:
+            trainer.purger.close()
         stop.uninstall()
         logger.close()
 

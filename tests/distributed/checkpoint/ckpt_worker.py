@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from bigmodel.checkpoint.safe import read_plain_record
-from bigmodel.checkpoint.sharded import IMPLEMENTATION_KEYS, engine_state_dict, load_sharded, save_sharded
+from bigmodel.checkpoint.records import read_plain_record
+from bigmodel.checkpoint.sharded import load_sharded, save_sharded
 from bigmodel.config import load_config
 from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
+from bigmodel.engines.state import IMPLEMENTATION_KEYS
 from bigmodel.parallel.context import setup_parallel
 from bigmodel.parallel.env import exit_distributed
 from bigmodel.train.loop import split_microbatches
@@ -50,7 +51,7 @@ def build(layout: dict[str, int]):
 
 def whole_state(engine) -> dict[str, object]:
     """The engine's model and optimizer state by name, tensors whole (gathered from their shards) and on CPU."""
-    state = engine_state_dict(engine)
+    state = engine.state_dict()
     whole = {}
     for part in ("model", "optim"):
         for name, value in state[part].items():

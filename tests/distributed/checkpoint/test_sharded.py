@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
+from bigmodel.checkpoint.manifest import CHECKSUM, MANIFEST_FILE, verify_manifest
 from bigmodel.checkpoint.safe import read_dcp_metadata
-from bigmodel.checkpoint.sharded import CHECKSUM, MANIFEST_FILE, engine_state_dict, load_sharded, verify_manifest
+from bigmodel.checkpoint.sharded import load_sharded
 from bigmodel.config import load_config
 from bigmodel.engines import build_engine
 from bigmodel.parallel.context import setup_parallel
@@ -66,7 +67,7 @@ def test_loads_in_one_process(run):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["--log.wandb=disabled"])
     engine = build_engine(cfg, setup_parallel(cfg))
     assert load_sharded(ckpt, engine) == {"step": 2, "samples": 32}
-    state = engine_state_dict(engine)
+    state = engine.state_dict()
     loaded = {f"{part}.{k}": v for part in ("model", "optim") for k, v in state[part].items()}
     assert len(loaded) == results["keys"]
     assert deviation(loaded, saved) == EXACT

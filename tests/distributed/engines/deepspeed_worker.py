@@ -1,7 +1,7 @@
 """DeepSpeed-engine checkpoints, started by tests/distributed/test_deepspeed.py on 2 processes.
 
 For each ZeRO stage of --stages: train 2 steps of the tiny model under engine=deepspeed, saving after steps 1 and 2
-through bigmodel.checkpoint.run.save_checkpoint with keep=1 (so `latest`, keep-N and the manifest are exercised),
+through the engine's save_checkpoint with keep=1 (so `latest`, keep-N and the manifest are exercised),
 record the engine's whole fp32 parameters and AdamW moments, then train 2 more steps. A fresh engine loads the
 checkpoint through the engine's own load_checkpoint (what Trainer.resume calls) and trains the same 2 steps. Last,
 an engine at another ZeRO stage tries to load the first checkpoint. Rank 0 writes the losses and errors to --out as
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from bigmodel.checkpoint.run import save_checkpoint
 from bigmodel.config import config_to_dict, load_config
 from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
@@ -79,7 +78,7 @@ def main() -> None:
         for step in (1, 2):
             engine.train_step(split_microbatches(next(batches), 1))
             extra = {"samples_seen": step * 16, "loader": loader.state_dict(), "config": config_to_dict(cfg)}
-            path = save_checkpoint(run_dir, step, engine, extra, keep=1)
+            path = engine.save_checkpoint(run_dir, step, extra, keep=1).path
         saved = whole_state(engine)
         following = [split_microbatches(next(batches), 1) for _ in range(2)]
         original = [engine.train_step(batch).loss for batch in following]

@@ -39,7 +39,7 @@ def test_paths_resolve_to_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_verification_shares_give_each_rank_its_own_shard():
-    from bigmodel.checkpoint.sharded import verify_shares
+    from bigmodel.checkpoint.manifest import verify_shares
 
     names = [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
     assert verify_shares(names, 4) == [
@@ -57,7 +57,7 @@ def test_verification_shares_give_each_rank_its_own_shard():
 
 
 def test_a_share_is_checked_alone(tmp_path):
-    from bigmodel.checkpoint.sharded import verify_manifest
+    from bigmodel.checkpoint.manifest import verify_manifest
 
     folder = tmp_path / "step_00000001"
     folder.mkdir()

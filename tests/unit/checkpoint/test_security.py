@@ -25,8 +25,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
+from bigmodel.checkpoint.manifest import MANIFEST_FILE, verify_manifest
 from bigmodel.checkpoint.safe import UnsafeCheckpointError, read_dcp_metadata
-from bigmodel.checkpoint.sharded import MANIFEST_FILE, load_sharded, verify_manifest
+from bigmodel.checkpoint.sharded import load_sharded
 from bigmodel.checkpoint.tools import consolidate
 from bigmodel.cli import main as cli_main
 from bigmodel.config import load_config

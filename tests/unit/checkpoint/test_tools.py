@@ -79,7 +79,7 @@ def test_inspect_reads_step_sizes_and_checksums(clip_run: Path, tmp_path: Path) 
 
 def test_hyper_parameters_are_one_item_per_parameter(clip_run: Path) -> None:
     """DCP stores every non-tensor item as a record of its own: the optimizer's hyper-parameters are packed into one
-    item per parameter (sharded.pack_hyperparameters), not one per parameter and hyper-parameter (12x the items)."""
+    item per parameter (records.pack_hyperparameters), not one per parameter and hyper-parameter (12x the items)."""
     metadata = OnceReadReader(clip_run).read_metadata().state_dict_metadata
     items = {key for key, meta in metadata.items() if isinstance(meta, BytesStorageMetadata)}
     names = {name for name, _ in loaded_model(clip_run).named_parameters()}
@@ -238,17 +238,18 @@ def test_writers_checksum_their_own_files(tmp_path):
     # that digest (and removes the file) instead of reading the bytes back, and hashes what no writer left one for.
     import torch.distributed.checkpoint as dcp
 
-    from bigmodel.checkpoint.sharded import CHECKSUM, DIGEST_SUFFIX, RawRecordWriter, _checksums, _digest
+    from bigmodel.checkpoint.manifest import CHECKSUM, DIGEST_SUFFIX, checksums, file_digest
+    from bigmodel.checkpoint.sharded import RawRecordWriter
 
     state = {"weight": torch.randn(64, 32), "bias": torch.arange(7.0), "step": 3}
     dcp.save(state, storage_writer=RawRecordWriter(tmp_path))
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(DIGEST_SUFFIX))
     assert left == ["__0_0.distcp" + DIGEST_SUFFIX]
-    sums = _checksums(tmp_path)
+    sums = checksums(tmp_path)
     assert sorted(sums) == [".metadata", "__0_0.distcp"]
     assert not any(p.name.endswith(DIGEST_SUFFIX) for p in tmp_path.iterdir())
     for name, recorded in sums.items():
-        assert recorded == f"{CHECKSUM}:{_digest(tmp_path / name, CHECKSUM)}", name
+        assert recorded == f"{CHECKSUM}:{file_digest(tmp_path / name, CHECKSUM)}", name
 
 
 def test_writeback_starts_every_few_mib_and_keeps_the_bytes(tmp_path, monkeypatch):
@@ -256,18 +257,18 @@ def test_writeback_starts_every_few_mib_and_keeps_the_bytes(tmp_path, monkeypatc
     # file holds exactly what was written, and the ranges asked for cover it without gaps.
     import os
 
-    from bigmodel.checkpoint import sharded
+    from bigmodel.checkpoint import io
 
     asked: list[tuple[int, int]] = []
-    real = sharded._SYNC_FILE_RANGE
+    real = io._SYNC_FILE_RANGE
     monkeypatch.setattr(
-        sharded,
+        io,
         "_SYNC_FILE_RANGE",
         lambda fd, start, n, flags: asked.append((start, n)) or (real(fd, start, n, flags) if real else 0),
     )
     data = os.urandom(3 * (1 << 20) + 5)
     with open(tmp_path / "f", "wb") as f:
-        writeback = sharded.Writeback(f, every=1 << 20)
+        writeback = io.Writeback(f, every=1 << 20)
         for start in range(0, len(data), 100_000):
             f.write(data[start : start + 100_000])
             writeback.wrote()
@@ -280,23 +281,24 @@ def test_writeback_starts_every_few_mib_and_keeps_the_bytes(tmp_path, monkeypatc
 def test_replaced_and_retired_checkpoints_are_deleted_in_the_background(tmp_path):
     # A folder handed to purge stops being a checkpoint at once (renamed to .purge_*) and is deleted by a thread;
     # what a killed process left behind is deleted by the next save in the same folder.
-    from bigmodel.checkpoint.sharded import PURGE_PREFIX, purge, purge_leftovers, wait_for_purges
+    from bigmodel.checkpoint.io import PURGE_PREFIX, Purger
 
+    purger = Purger()
     old = tmp_path / "step_00000001"
     (old / "sub").mkdir(parents=True)
     (old / "sub" / "shard").write_bytes(b"x" * 1000)
-    purge(old)
+    purger.purge(old)
     assert not old.exists()
-    wait_for_purges()
+    purger.wait()
     assert list(tmp_path.iterdir()) == []
 
     left = tmp_path / f"{PURGE_PREFIX}step_00000002.dead"
     left.mkdir()
     (left / "shard").write_bytes(b"y")
-    purge_leftovers(tmp_path)
-    wait_for_purges()
+    purger.purge_leftovers(tmp_path)
+    purger.close()
     assert list(tmp_path.iterdir()) == []
-    purge(tmp_path / "missing")  # nothing to do
+    purger.purge(tmp_path / "missing")  # nothing to do
 
 
 def test_a_save_while_the_last_deletion_runs_leaves_it_alone(tmp_path, monkeypatch):
@@ -306,7 +308,7 @@ def test_a_save_while_the_last_deletion_runs_leaves_it_alone(tmp_path, monkeypat
     import shutil
     import threading
 
-    from bigmodel.checkpoint import sharded
+    from bigmodel.checkpoint import io
 
     deleting, release, deleted = threading.Event(), threading.Event(), []
     rmtree = shutil.rmtree
@@ -317,15 +319,16 @@ def test_a_save_while_the_last_deletion_runs_leaves_it_alone(tmp_path, monkeypat
         deleted.append(path)
         rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(sharded.shutil, "rmtree", slow_rmtree)
+    monkeypatch.setattr(io.shutil, "rmtree", slow_rmtree)
     old = tmp_path / "step_00000001"
     old.mkdir()
     (old / "shard").write_bytes(b"x")
-    sharded.purge(old)
+    purger = io.Purger()
+    purger.purge(old)
     assert deleting.wait(timeout=30)
     (trash,) = tmp_path.iterdir()
-    sharded.purge_leftovers(tmp_path)
+    purger.purge_leftovers(tmp_path)
     assert list(tmp_path.iterdir()) == [trash]  # not renamed under the deleting thread
     release.set()
-    sharded.wait_for_purges()
+    purger.close()
     assert list(tmp_path.iterdir()) == [] and deleted == [trash]

@@ -1,4 +1,4 @@
-"""The engine state a checkpoint holds (bigmodel.checkpoint.sharded.engine_state_dict) is torch's flattened
+"""The engine state a checkpoint holds (NativeEngine.state_dict, bigmodel.engines.state) is torch's flattened
 `get_state_dict` form, built without torch's helpers, and loads both in place and from another engine's tensors."""
 
 from __future__ import annotations
@@ -15,19 +15,13 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+from bigmodel.checkpoint.records import pack_hyperparameters, unpack_hyperparameters
 from bigmodel.checkpoint.safe import SafeLoadPlanner, read_dcp_metadata
-from bigmodel.checkpoint.sharded import (
-    engine_state_dict,
-    load_engine_state_dict,
-    load_sharded,
-    pack_hyperparameters,
-    parts_optimizer_state,
-    save_sharded,
-    unpack_hyperparameters,
-)
+from bigmodel.checkpoint.sharded import load_sharded, save_sharded
 from bigmodel.config import load_config
 from bigmodel.data import build_train_loader
 from bigmodel.engines import build_engine
+from bigmodel.engines.state import parts_optimizer_state
 from bigmodel.parallel.context import setup_parallel
 from bigmodel.train.loop import split_microbatches
 from tests.distributed.checkpoint.ckpt_worker import ROOT
@@ -52,7 +46,7 @@ def test_state_is_torch_helpers_form():
     model, optim = get_state_dict(
         engine.model, engine.optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
     )
-    ours = unpacked(engine_state_dict(engine))
+    ours = unpacked(engine.state_dict())
     theirs = unpacked({"model": model, "optim": pack_hyperparameters(optim)})
     for part in ("model", "optim"):
         assert ours[part].keys() == theirs[part].keys()
@@ -65,14 +59,16 @@ def test_state_is_torch_helpers_form():
 
 def test_packed_parts_state_is_pack_hyperparameters_of_the_flat_one():
     engine = trained_engine(seed=0, steps=1)
-    packed, flat = parts_optimizer_state(engine, packed=True), parts_optimizer_state(engine)
+    parts = engine.model_parts()
+    packed = parts_optimizer_state(parts, engine.optimizer, packed=True)
+    flat = parts_optimizer_state(parts, engine.optimizer)
     assert packed.keys() == pack_hyperparameters(flat).keys()
     for key, value in pack_hyperparameters(flat).items():
         assert torch.equal(packed[key], value) if isinstance(value, torch.Tensor) else packed[key] == value, key
 
 
 def test_parameters_of_a_group_share_one_hyper_parameter_record():
-    state = engine_state_dict(trained_engine(seed=0, steps=1))
+    state = trained_engine(seed=0, steps=1).state_dict()
     records = [value for key, value in state["optim"].items() if key.startswith("param_groups.")]
     assert all(isinstance(record, bytes) for record in records)
     assert len({id(record) for record in records}) == 2  # two groups: with and without weight decay
@@ -82,11 +78,11 @@ def test_loads_another_engines_tensors_by_copy():
     """A state that is not the engine's own (here another engine's) is copied into the model: nothing is shared."""
     source, target = trained_engine(seed=0, steps=2), trained_engine(seed=1, steps=0)
     assert not all(torch.equal(a, b) for a, b in zip(source.model.parameters(), target.model.parameters(), strict=True))
-    load_engine_state_dict(target, engine_state_dict(source))
+    target.load_state_dict(source.state_dict())
     for (name, a), b in zip(source.model.named_parameters(), target.model.parameters(), strict=True):
         assert torch.equal(a, b), name
         assert a.data_ptr() != b.data_ptr(), name
-    theirs, ours = unpacked(engine_state_dict(source)), unpacked(engine_state_dict(target))
+    theirs, ours = unpacked(source.state_dict()), unpacked(target.state_dict())
     for key, value in theirs["optim"].items():
         mine = ours["optim"][key]
         assert torch.equal(mine, value) if isinstance(value, torch.Tensor) else mine == value, key
@@ -96,10 +92,10 @@ def test_loads_another_engines_tensors_by_copy():
 def test_own_state_loads_in_place():
     """Filling the engine's own state dict changes the model and optimizer directly (what dcp.load does)."""
     engine = trained_engine(seed=0, steps=1)
-    state = engine_state_dict(engine)
+    state = engine.state_dict()
     for tensor in [*state["model"].values(), *(v for v in state["optim"].values() if isinstance(v, torch.Tensor))]:
         tensor.fill_(0.5)
-    load_engine_state_dict(engine, state)
+    engine.load_state_dict(state)
     assert all(bool((p == 0.5).all()) for p in engine.model.parameters())
     moments = [s[k] for s in engine.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq", "step")]
     assert moments and all(bool((m == 0.5).all()) for m in moments)
@@ -133,7 +129,7 @@ def test_load_plan_is_dcps(tmp_path):
     engine = trained_engine(seed=0, steps=1)
     save_sharded(tmp_path / "ckpt", engine, {"step": 1})
     metadata = read_dcp_metadata(tmp_path / "ckpt" / ".metadata")
-    state = engine_state_dict(engine)
+    state = engine.state_dict()
     ours = _plan(SafeLoadPlanner(), state, metadata)
     assert ours == _plan(DefaultLoadPlanner(), state, metadata)
     assert sum(item[0] == LoadItemType.TENSOR for item in ours) > 100
@@ -182,18 +178,18 @@ def test_a_resume_checks_its_own_shard_as_it_loads_it(tmp_path, monkeypatch):
     """Resuming in the layout that saved, a rank's own shard file is hashed by the load's prefetch as it reads the
     file, not in a pass of its own before (read once, not twice); a corrupt or truncated shard still stops the resume
     with verify_manifest's one-line error, also where the prefetch would have been skipped for memory."""
-    from bigmodel.checkpoint import sharded
-    from bigmodel.train.loop import verify_checkpoint
+    from bigmodel.checkpoint import manifest
+    from bigmodel.checkpoint.manifest import verify_checkpoint
 
     engine = trained_engine(seed=0, steps=1)
     ckpt = tmp_path / "ckpt"
     save_sharded(ckpt, engine, {"step": 1})
     hashed_first = []
-    real_digest = sharded._digest
+    real_digest = manifest.file_digest
     monkeypatch.setattr(
-        sharded, "_digest", lambda file, algorithm: hashed_first.append(file.name) or real_digest(file, algorithm)
+        manifest, "file_digest", lambda file, algorithm: hashed_first.append(file.name) or real_digest(file, algorithm)
     )
-    checked = verify_checkpoint(ckpt, engine.ctx)
+    checked = verify_checkpoint(ckpt)
     assert checked == ["__0_0.distcp"] and hashed_first == [".metadata"]
     assert load_sharded(ckpt, engine, checked) == {"step": 1}
 
@@ -203,7 +199,7 @@ def test_a_resume_checks_its_own_shard_as_it_loads_it(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes: it loads, and only the checksum can tell
     shard.write_bytes(bytes(data))
     line = f"checkpoint {ckpt}: __0_0.distcp does not match its xxh3_128 checksum in manifest.json"
-    assert verify_checkpoint(ckpt, engine.ctx) == checked  # the corrupt file is left to the load
+    assert verify_checkpoint(ckpt) == checked  # the corrupt file is left to the load
     with pytest.raises(ValueError, match="^" + re.escape(line)):
         load_sharded(ckpt, engine, checked)
     assert load_sharded(ckpt, engine) == {"step": 1}  # unchecked, the same bytes load
@@ -215,4 +211,4 @@ def test_a_resume_checks_its_own_shard_as_it_loads_it(tmp_path, monkeypatch):
         load_sharded(ckpt, engine, checked)
     shard.unlink()  # a missing own shard is found before anything loads, by every rank together
     with pytest.raises(ValueError, match=re.escape("__0_0.distcp is missing")):
-        verify_checkpoint(ckpt, engine.ctx)
+        verify_checkpoint(ckpt)
