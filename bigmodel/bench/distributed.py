@@ -251,17 +251,20 @@ def _deepspeed_engine(cfg: Config, ctx, keep_gathered: bool = True, persistence_
 
 
 def _run_zero3(cfg: Config, ctx, engine, loader, repeats: int) -> dict[str, Any]:
-    """Step times of two matched pairs and one more DeepSpeed run, all five interleaved: gathered parameters kept
+    """Step times of two matched pairs and two more runs, all six interleaved: gathered parameters kept
     from a block's forward to its backward ("native_keep", "deepspeed": DeepSpeed's default) and freed after
     forward ("native", "deepspeed_free": native's default); "deepspeed_default_persistence" is "deepspeed" with
-    small parameters kept whole (DeepSpeed's default persistence threshold). `engine` is the native engine of
-    `cfg`, whose reshard_after_forward is the default."""
+    small parameters kept whole (DeepSpeed's default persistence threshold); "native_keep_gloo" is "native_keep"
+    with the opt-in gloo transport (parallel.gloo_transport). `engine` is the native engine of `cfg`, whose
+    reshard_after_forward is the default."""
     from bigmodel.engines import build_engine
     from bigmodel.losses import total_loss
     from bigmodel.train.loop import split_microbatches
 
     keep = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, reshard_after_forward=False))
     native_keep = build_engine(keep, ctx)
+    gloo = dataclasses.replace(keep, parallel=dataclasses.replace(keep.parallel, gloo_transport=True))
+    native_keep_gloo = build_engine(gloo, ctx)
     with contextlib.redirect_stdout(sys.stderr):
         ds_keep = _deepspeed_engine(cfg, ctx, keep_gathered=True)
         ds_free = _deepspeed_engine(cfg, ctx, keep_gathered=False)
@@ -299,6 +302,7 @@ def _run_zero3(cfg: Config, ctx, engine, loader, repeats: int) -> dict[str, Any]
         "native": native_step(engine),
         "deepspeed_free": deepspeed_step(ds_free),
         "deepspeed_default_persistence": deepspeed_step(ds_persist),
+        "native_keep_gloo": native_step(native_keep_gloo),
     }
     times = interleaved({name: synced(name, fn) for name, fn in candidates.items()}, repeats, warmup=2)
     return {"seconds": times, "cpu_seconds": {name: values[-repeats:] for name, values in cpu.items()}}
@@ -426,7 +430,8 @@ def zero3_vs_deepspeed(quick: bool = False) -> Figure:
     world size (2 processes), fp32, interleaved. Both keep a block's gathered parameters from its forward to its
     backward, as DeepSpeed does by default (native: parallel.reshard_after_forward=false), and every parameter is
     partitioned on both sides; details hold the pair that frees them after forward as well ("free_ratio") and the
-    ratio to DeepSpeed with its default persistence threshold ("default_persistence_ratio")."""
+    ratio to DeepSpeed with its default persistence threshold ("default_persistence_ratio"), and the opt-in gloo
+    transport's ratio ("gloo_transport_ratio")."""
     return zero3_figure(run_jobs(2, ["zero3:zero3x2"], quick, repeats=2 if quick else 7))
 
 
@@ -453,6 +458,7 @@ def zero3_figure(results: dict[str, Any]) -> Figure:
             "seconds": times,
             "free_ratio": paired_ratio(times["native"], times["deepspeed_free"]),
             "default_persistence_ratio": paired_ratio(times["native_keep"], times["deepspeed_default_persistence"]),
+            "gloo_transport_ratio": paired_ratio(times["native_keep_gloo"], times["deepspeed"]),
             "cpu_seconds": cpu,
             "cpu_ratio": paired_ratio(cpu["native_keep"], cpu["deepspeed"]),
             "free_cpu_ratio": paired_ratio(cpu["native"], cpu["deepspeed_free"]),
