@@ -23,7 +23,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, foreach: bool = False) -
 
     The default per-tensor loop (foreach=False) keeps the update arithmetic identical across layouts whose parameter
     lists differ in length. `foreach=True` dispatches each of AdamW's ops once for all tensors: ZeRO-3 wants it, since
-    every op on an FSDP shard pays DTensor dispatch (85 -> 32 ms a step on benchmark (f)'s model); on CPU it runs the
+    every op on an FSDP shard pays DTensor dispatch (docs/benchmarks.md, row f); on CPU it runs the
     same per-element arithmetic, so the update stays bitwise equal to the reference's (`bigmodel verify`).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

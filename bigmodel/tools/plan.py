@@ -5,7 +5,7 @@ Everything is computed from the config: parameter counts from the model built on
 `bigmodel.models.flops`, model-state bytes from ZeRO's theory (`bigmodel.parallel.memory.zero_theory_bytes`),
 legality from `ParallelDims.check_layout` and the config's batch checks. The activation and communication models
 below follow what this code base actually saves and issues (measured on CPU at small scale:
-tests/unit/test_plan.py and `bigmodel bench`); the step-time estimate is a ranking heuristic, not a promise.
+tests/unit/tools/test_plan.py and `bigmodel bench`); the step-time estimate is a ranking heuristic, not a promise.
 
 Units: bytes, seconds, FLOP. A "rank" is one GPU.
 """
@@ -268,7 +268,7 @@ def _block_counts(cfg: ModelConfig, objectives: Collection[str]) -> dict[str, in
 
 # ---------------------------------------------------------------------------------------------------------------
 # Activations: bytes saved for backward, as this model's forward saves them (counted per op on CPU, torch 2.13:
-# tests/unit/test_plan.py compares the whole model with the saved-tensor bytes measured by autograd hooks)
+# tests/unit/tools/test_plan.py compares the whole model with the saved-tensor bytes measured by autograd hooks)
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor, group: dist.Pr
     of the contiguous `input` (chunk r of each rank's `input` goes to rank r).
 
     The sum adds the ranks' chunks in rank order: on 2 ranks the result is bitwise gloo's (a + b is b + a); on more
-    the order differs from gloo's ring, by a few ulp (tests/distributed/test_zero3_speed_paths.py)."""
+    the order differs from gloo's ring, by a few ulp (tests/distributed/parallel/test_gloo_collectives.py)."""
     if not _gloo(group):
         dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=group)
         return

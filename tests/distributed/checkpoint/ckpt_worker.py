@@ -1,4 +1,4 @@
-"""Sharded checkpoints across layouts, started by tests/distributed/test_sharded_checkpoint.py on 4 processes.
+"""Sharded checkpoints across layouts, started by tests/distributed/checkpoint/test_sharded.py on 4 processes.
 
 Trains the tiny model 2 steps at dp2 x tp2 with ZeRO-1 and saves a sharded checkpoint to --ckpt. Then, for each
 layout of LOADS, builds a fresh engine, measures how far its whole (gathered) state is from the saved one before

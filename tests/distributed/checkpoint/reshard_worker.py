@@ -1,5 +1,5 @@
-"""The reshard matrix, started by tests/distributed/test_reshard_matrix.py (4 processes, then 2; the 1-process cells
-run in the test itself with these functions).
+"""The reshard matrix, started by tests/distributed/checkpoint/test_reshard_matrix.py (4 processes, then 2; the
+1-process cells run in the test itself with these functions).
 
 Layouts are (tp, pp, dp). Every layout trains the tiny model on the same global batch of 16 as 2 microbatches
 (train.grad_accum=2, or parallel.microbatches=2 with a pipeline), so all follow the 1-process trajectory.

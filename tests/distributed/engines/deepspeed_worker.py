@@ -1,4 +1,4 @@
-"""DeepSpeed-engine checkpoints, started by tests/distributed/test_deepspeed.py on 2 processes.
+"""DeepSpeed-engine checkpoints, started by tests/distributed/engines/test_deepspeed.py on 2 processes.
 
 For each ZeRO stage of --stages: train 2 steps of the tiny model under engine=deepspeed, saving after steps 1 and 2
 through the engine's save_checkpoint with keep=1 (so `latest`, keep-N and the manifest are exercised),

@@ -7,9 +7,9 @@ for gloo's all_reduce under ZeRO-0/1 (bigmodel.parallel.data_parallel): they mus
 (bitwise for the gather, and for the sum where it has one order: 2 ranks), on subgroups too, through each transport
 (shared memory, in one piece or in many; point-to-point messages), and `apply_fsdp` must actually use them. Where the
 ranks cannot see each other's shared memory, every rank must fall back alike.
-The end-to-end equivalence with the single-process reference is tests/distributed/test_zero.py's.
+The end-to-end equivalence with the single-process reference is tests/distributed/parallel/test_zero.py's.
 
-This file is also the worker: torchrun starts it with 4 processes (`python test_zero3_speed_paths.py --out F`).
+This file is also the worker: torchrun starts it with 4 processes (`python test_gloo_collectives.py --out F`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ZeRO stages 0-3, HSDP and tensor parallelism composed with each, against a single-process reference.
 
-Started by tests/distributed/test_zero.py under torchrun with `--suite dp2` (2 processes) or `--suite dp4`
+Started by tests/distributed/parallel/test_zero.py under torchrun with `--suite dp2` (2 processes) or `--suite dp4`
 (4 processes). Every rank trains the reference model (same seed) on the whole global batch, then each layout of the
 suite on its own slice of that batch, and measures per rank: losses, step-1 gradients, global gradient norms and
 parameters after the steps against the reference, the lr the scheduler set, and model-state bytes against ZeRO's

@@ -1,7 +1,7 @@
 """`bigmodel bench` in quick mode (tiny sizes): every benchmark runs end to end and writes its ratios. No timing
 is asserted: the machine is shared, and quick sizes measure the plumbing, not the speed. Counted quantities
 (collective bytes, model-state bytes) are exact and are checked against their theory. The model-state benchmark's
-launch is the one tests/unit/test_plan.py::test_model_state_matches_real_training_processes runs."""
+launch is the one tests/unit/tools/test_plan.py::test_model_state_matches_real_training_processes runs."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_compiled_model_is_timed_beside_the_eager_one(suite):
 
 def test_distributed_benches_count_what_the_planner_predicts():
     # One launch of 2 processes: the collectives of one step in four layouts. (The DeepSpeed ZeRO-3 comparison
-    # reuses the deepspeed engine's start-up, which tests/distributed/test_deepspeed.py covers; it stays out of
+    # reuses the deepspeed engine's start-up, which tests/distributed/engines/test_deepspeed.py covers; it stays out of
     # here to keep the suite's time down.)
     jobs = [f"comm:{layout}" for layout in COMM_LAYOUTS.values()]
     results = run_jobs(2, jobs, quick=True, repeats=1)

@@ -129,7 +129,7 @@ def test_export_hf_computes_the_same_embeddings(clip_run: Path, tmp_path: Path) 
     cfg = config_from_dict(json.loads((clip_run / "manifest.json").read_text())["extra"]["config"])
     batch = next(iter(build_eval_loader(cfg, 16)))  # real captions: [BOS] tokens [EOS] [PAD]...
     # Same weights in fp32, different kernels (eager/sdpa attention, mask forms): a few ulps on unit-norm
-    # embeddings (see test_clip_compat.py); a misplaced tensor or wrong pooled token moves them by > 1e-2.
+    # embeddings (see tests/unit/hf/test_clip.py); a misplaced tensor or wrong pooled token moves them by > 1e-2.
     for ours, theirs in zip(bigmodel_embeddings(model, batch), clip_embeddings(clip, batch), strict=True):
         torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 

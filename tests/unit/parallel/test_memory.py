@@ -1,5 +1,5 @@
 """ZeRO's model-state memory theory, and the per-rank measurement on single-process models (the distributed
-measurements are checked against the theory in tests/distributed/test_zero.py)."""
+measurements are checked against the theory in tests/distributed/parallel/test_zero.py)."""
 
 from __future__ import annotations
 
