@@ -112,10 +112,12 @@ class ParallelLayout:
     def validate(self, world_size: int, cfg: Config) -> None:
         """Raise ConfigError (one line) if the layout does not fit `world_size` processes or the model."""
         if self.world_size != world_size:
+            others = self.dp_replicate * self.tp * self.pp
+            fits = "" if world_size % others else ", or set parallel.dp_shard=-1 (whatever the other axes leave)"
             raise ConfigError(
                 f"the layout parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} x "
                 f"pp={self.pp} needs {self.world_size} processes but {world_size} were started; change the layout "
-                f"or start {self.world_size} processes"
+                f"or start {self.world_size} processes{fits}"
             )
         self.check_layout(cfg)
 

@@ -32,6 +32,15 @@ def test_invalid_layouts_are_one_line_errors(dims, world, expected):
     assert expected in str(info.value), str(info.value)
 
 
+def test_a_wrong_world_size_suggests_dp_shard_minus_one_only_where_it_fits():
+    cfg = load_config(TINY)
+    with pytest.raises(ConfigError, match=r"start 1 processes, or set parallel.dp_shard=-1"):
+        ParallelDims().validate(2, cfg)  # the default layout on two processes: -1 would give dp_shard=2
+    with pytest.raises(ConfigError) as info:
+        ParallelDims(tp=2).validate(3, cfg)  # 3 processes are no multiple of tp=2: -1 would not fit either
+    assert "dp_shard=-1" not in str(info.value)
+
+
 def test_valid_layout_passes():
     ParallelDims(dp_replicate=2, dp_shard=2, tp=2, zero_stage=3).validate(8, load_config(TINY))
 
