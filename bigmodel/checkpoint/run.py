@@ -3,6 +3,7 @@ replaced atomically after each complete save, the newest `checkpoint.keep` kept,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from bigmodel.checkpoint.io import Purger, remove_folder
 from bigmodel.checkpoint.manifest import MANIFEST_FILE, read_manifest
 from bigmodel.checkpoint.sharded import Checkpointable, PendingSave, save_sharded
+from bigmodel.config.schema import KERNEL_FIELDS, ModelConfig
 
 LATEST_FILE = "latest"
 
@@ -91,15 +93,20 @@ def find_resume_checkpoint(spec: str, run_dir: Path) -> Path | None:
 
 
 def check_same_model(path: Path, model: dict[str, Any], objectives: tuple[str, ...]) -> None:
-    """ValueError (one line, naming the first differing field) if the checkpoint at `path` holds another model."""
+    """ValueError (one line, naming the first differing field) if the checkpoint at `path` holds another model.
+
+    A field the saved config lacks (one added to ModelConfig since) counts as its default; the kernel choice
+    (KERNEL_FIELDS) is not compared."""
     saved = read_manifest(path, "extra")["extra"].get("config")
     if saved is None:
         return
+    defaults = dataclasses.asdict(ModelConfig())
     for key, value in model.items():
-        if saved["model"].get(key) != value:
+        there = saved["model"].get(key, defaults.get(key))
+        if key not in KERNEL_FIELDS and there != value:
             raise ValueError(
-                f"checkpoint {path} holds a different model: model.{key}={saved['model'].get(key)!r} there, "
-                f"{value!r} here; resume with the config it was saved with"
+                f"checkpoint {path} holds a different model: model.{key}={there!r} there, {value!r} here; resume "
+                "with the config it was saved with"
             )
     saved_objectives = tuple(k for k, w in saved["train"]["loss_weights"].items() if w > 0)
     if saved_objectives != objectives:

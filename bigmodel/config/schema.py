@@ -79,6 +79,11 @@ class ModelConfig:
     not fire; refused with parallel.tp > 1, DeepSpeed ZeRO-3 and train.compile."""
 
 
+KERNEL_FIELDS = ("cpu_fused_kernels",)
+"""ModelConfig fields that choose how the model computes, not what: the parameters and outputs are the same either
+way, so a checkpoint resumes whatever they were when it was saved."""
+
+
 @dataclass(config=SECTION_CONFIG)
 class DataConfig:
     """Where samples come from and how they are turned into tensors."""

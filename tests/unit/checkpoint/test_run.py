@@ -1,10 +1,13 @@
-"""Finding the checkpoint to resume: complete checkpoints only, an interrupted save is skipped and named."""
+"""Finding the checkpoint to resume: complete checkpoints only, an interrupted save is skipped and named; a checkpoint
+of another model is refused in one line, one written before a config field existed is not."""
 
+import dataclasses
 import json
 
 import pytest
 
-from bigmodel.checkpoint.run import find_resume_checkpoint, resolve_checkpoint
+from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, resolve_checkpoint
+from bigmodel.config.schema import ModelConfig
 
 
 def make(root, name, complete=True):
@@ -77,3 +80,27 @@ def test_a_share_is_checked_alone(tmp_path):
         verify_manifest(folder, ["b"])
     with pytest.raises(ValueError, match="d is not listed"):
         verify_manifest(folder, ["d"])
+
+
+def saved_with(root, model: dict):
+    """A checkpoint folder whose manifest records `model` as its config's model section (what a trainer writes)."""
+    folder = make(root, "step_00000002")
+    config = {"model": model, "train": {"loss_weights": {"contrastive": 1.0, "itm": 0.0, "mlm": 0.0}}}
+    (folder / "manifest.json").write_text(json.dumps({"step": 2, "extra": {"config": config}}))
+    return folder
+
+
+def test_a_config_saved_before_a_field_existed_resumes_with_its_default(tmp_path):
+    model = dataclasses.asdict(ModelConfig())
+    older = {k: v for k, v in model.items() if k != "cpu_fused_kernels"}  # as checkpoints written before it exist
+    check_same_model(saved_with(tmp_path, older), model, ("contrastive",))
+
+
+def test_the_kernel_choice_is_not_a_different_model_but_the_width_is(tmp_path):
+    model = dataclasses.asdict(ModelConfig())
+    folder = saved_with(tmp_path, model)
+    check_same_model(folder, model | {"cpu_fused_kernels": not model["cpu_fused_kernels"]}, ("contrastive",))
+    with pytest.raises(ValueError, match=r"holds a different model: model.text_width=\d+ there, 48 here"):
+        check_same_model(folder, model | {"text_width": 48}, ("contrastive",))
+    with pytest.raises(ValueError, match="trained the heads"):
+        check_same_model(folder, model, ("contrastive", "itm"))
