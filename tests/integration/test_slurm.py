@@ -128,7 +128,7 @@ def test_bad_submission_is_one_line_on_the_command_line():
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: the layout parallel.dp_replicate=1 x dp_shard=1 x tp=1 x pp=1 needs 1 processes but 4 were "
-        "started; change the layout or start 1 processes"
+        "started; change the layout or start 1 processes, or set parallel.dp_shard=-1 (whatever the other axes leave)"
     ]
 
 
