@@ -6,13 +6,16 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The torch spec goes into the project's install too, so that what the test extras pull (torchvision through
+# open_clip) is resolved against that torch instead of upgrading it.
 
 .PHONY: install quickstart test lint format clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(BIN)/python tests/support/install_torchvision_cpu.py
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tqdm>=4.66",
     "xxhash>=3.0",  # checkpoint checksums (bigmodel.checkpoint.sharded)
+    "fsspec>=2024.6",  # shard locations: local, s3:// (with the remote extra), http(s):// (bigmodel.data.locations)
 ]
 
 EXTRAS = {
@@ -25,7 +26,12 @@ EXTRAS = {
     "hf": ["transformers>=4.45", "accelerate>=1.0"],
     "wandb": ["wandb>=0.18"],
     "plot": ["matplotlib>=3.8"],
+    # Shards in object storage (s3://, through the standard AWS environment and files) and over http(s)://.
+    "remote": ["s3fs>=2024.6", "aiohttp>=3.9"],
 }
+# Reference clients and servers the tests run against: a real S3-API server on loopback (moto's standalone server,
+# shards uploaded with boto3), OpenCLIP's transforms and tokenizer, scikit-learn's bundled photos.
+TEST_REQUIRES = ["moto[server]>=5.0", "s3fs[boto3]>=2024.6", "open_clip_torch>=3.0", "scikit-learn>=1.4"]
 EXTRAS["dev"] = sorted(
     {
         "pytest>=8.0",
@@ -35,6 +41,8 @@ EXTRAS["dev"] = sorted(
         *EXTRAS["hf"],
         *EXTRAS["wandb"],
         *EXTRAS["plot"],
+        *EXTRAS["remote"],
+        *TEST_REQUIRES,
     }
 )
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

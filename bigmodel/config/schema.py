@@ -91,11 +91,36 @@ class DataConfig:
     source: Literal["shapes", "shards"] = "shapes"
     """shapes: the embedded procedurally generated dataset (no files needed); shards: WebDataset tar shards."""
     train_shards: str = ""
-    """With source shards: the training shards, a brace pattern such as data/train-{000000..000009}.tar."""
+    """With source shards: the training shards. A brace pattern such as data/train-{000000..000009}.tar, on local
+    disk, s3://bucket/prefix/..., http(s)://... or pipe:COMMAND (WebDataset's convention); several sources joined
+    by `::` (OpenCLIP's convention), mixed by train_weights."""
     eval_shards: str = ""
-    """With source shards: the held-out shards (same pattern syntax); empty means no evaluation."""
+    """With source shards: the held-out shards (same syntax, sources joined by `::` are read one after another);
+    empty means no evaluation."""
+    mode: Literal["auto", "indexed", "streaming"] = "auto"
+    """indexed: random access to every sample through per-shard indexes (any rank reads any sample; exact resume in
+    any layout); streaming: shards dealt to (rank, worker) and read sequentially through a shuffle buffer (exact
+    resume in the same layout); auto: indexed when every shard is a local file, streaming otherwise."""
+    index_dir: str = ""
+    """indexed mode: the folder (local or remote) of the per-shard indexes written by `bigmodel data index`; empty:
+    beside each shard."""
+    train_weights: list[float] = Field(default_factory=list)
+    """One sampling weight per `::`-joined training source (OpenCLIP's --train-data-upsampling-factors); empty:
+    every source in proportion to its number of samples (indexed) or shards (streaming)."""
+    resampled: bool = False
+    """streaming mode: draw shards with replacement, independently per (rank, worker) (OpenCLIP's
+    --dataset-resampled); false: each epoch deals every shard once."""
+    shuffle_buffer: int = Field(1000, ge=1)
+    """streaming mode: samples held per (rank, worker) and drawn from at random (1: no shuffling)."""
+    caption_key: str = "txt"
+    """The caption: txt (the KEY.txt member) or the name of a field of the KEY.json member (img2dataset's
+    metadata)."""
+    retries: int = Field(5, ge=0)
+    """Remote reads: attempts after the first on a transient error (timeouts, 5xx, throttling), with exponential
+    backoff; a shard still unreachable is an error naming its URL and the status."""
     tokenizer: str = "builtin"
-    """builtin: the tokenizer shipped for the embedded dataset; otherwise a path to a tokenizers tokenizer.json."""
+    """builtin: the tokenizer shipped for the embedded dataset; otherwise a tokenizers tokenizer.json file or a
+    transformers tokenizer folder (its BOS, EOS and PAD ids are read from it)."""
     train_size: int = Field(100_000, ge=1)
     """With source shapes: number of distinct training samples (an epoch)."""
     eval_size: int = Field(512, ge=1)
@@ -104,9 +129,22 @@ class DataConfig:
     """With source shapes: at most this many shapes per image."""
     mlm_probability: float = Field(0.15, ge=0.0, le=1.0)
     """Fraction of caption tokens selected for masked language modelling (80% mask, 10% random, 10% kept)."""
+    transform: Literal["shapes", "clip"] = "shapes"
+    """shapes: images resized to model.image_size without cropping, scaled to [-1, 1], with the caption-preserving
+    augmentation of `augment`; clip: OpenCLIP's preprocessing (training: random resized crop with crop_scale,
+    bicubic; evaluation: resize of the shortest side and centre crop), normalised with image_mean and image_std."""
+    crop_scale: list[float] = Field(default_factory=lambda: [0.9, 1.0])
+    """transform clip: the (min, max) fraction of the image area a training crop covers (OpenCLIP's default)."""
+    image_mean: list[float] = Field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    """transform clip: per-channel mean subtracted after scaling to [0, 1] (OpenAI CLIP's)."""
+    image_std: list[float] = Field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    """transform clip: per-channel standard deviation divided by after the mean (OpenAI CLIP's)."""
     augment: bool = True
-    """Caption-preserving image augmentation (brightness/contrast jitter and pixel noise); never flips or crops,
-    since captions name positions."""
+    """transform shapes: caption-preserving image augmentation (brightness/contrast jitter and pixel noise); never
+    flips or crops, since captions name positions."""
+    ledger: bool = True
+    """Record the sample ids of every step (per rank, under the run's ledger/ folder) and their hash in checkpoints,
+    for `bigmodel data audit`."""
     num_workers: int = Field(0, ge=0)
     """Background processes that prepare batches (0: in the training process)."""
 
