@@ -43,12 +43,17 @@ def is_local(url: str) -> bool:
     return ("://" not in url and not url.startswith("pipe:")) or url.startswith("file://")
 
 
-def open_stream(url: str) -> BinaryIO:
-    """A file object reading the shard `url` sequentially from its start (pipe: runs the command)."""
+def open_stream(url: str, offset: int = 0) -> BinaryIO:
+    """A file object reading the shard `url` sequentially from byte `offset` (pipe: runs the command and skips
+    `offset` bytes of its output)."""
     if url.startswith("pipe:"):
         process = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
+        while offset > 0:
+            offset -= len(process.stdout.read(min(offset, 1 << 20)) or b"\0" * offset)
         return process.stdout
-    return fsspec.open(url, "rb").open()
+    file = fsspec.open(url, "rb").open()
+    file.seek(offset)
+    return file
 
 
 def read_range(url: str, offset: int, size: int) -> bytes:
