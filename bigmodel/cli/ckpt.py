@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bigmodel.hf)",
     )
     export.add_argument("path", help=CHECKPOINT_HELP)
-    export.add_argument("out", help="directory to write config.json and model.safetensors to")
+    export.add_argument(
+        "out", help="directory to write config.json, model.safetensors, the tokenizer and preprocessor_config.json to"
+    )
     export.set_defaults(func=run_export_hf)
 
     reshard = commands.add_parser(
@@ -80,10 +82,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deepspeed.add_argument("--no-progress", action="store_true", help="no progress bar")
     deepspeed.set_defaults(func=run_from_deepspeed)
 
-    imp = commands.add_parser("import-hf", help="a CLIPModel directory as a bigmodel run with a step-0 checkpoint")
+    imp = commands.add_parser(
+        "import-hf", help="a CLIPModel directory (and its tokenizer) as a bigmodel run with a step-0 checkpoint"
+    )
     imp.add_argument("hf_dir", help="a directory CLIPModel.from_pretrained loads")
-    imp.add_argument("out", help="a new run directory")
-    imp.add_argument("--tokenizer", default="builtin", help="builtin or a tokenizer.json whose vocabulary fits")
+    imp.add_argument("out", help="a new run directory; the tokenizer is kept in OUT/tokenizer")
+    imp.add_argument(
+        "--tokenizer",
+        help="a data.tokenizer value (builtin, a tokenizer.json or folder) whose vocabulary fits (default: the "
+        "tokenizer saved in HF_DIR, else builtin)",
+    )
     imp.set_defaults(func=run_import_hf)
 
 

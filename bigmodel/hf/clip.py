@@ -170,7 +170,7 @@ def _check_representable(cfg: ModelConfig, eos_token_id: int) -> None:
 
 
 def clip_config_from_model_config(
-    cfg: ModelConfig, eos_token_id: int = 4, pad_token_id: int = 0, bos_token_id: int = 3
+    cfg: ModelConfig, eos_token_id: int = 4, pad_token_id: int = 0, bos_token_id: int | None = 3
 ) -> CLIPConfig:
     """The CLIPConfig of the CLIPModel that computes what MultimodalEncoder(cfg, ("contrastive",)) computes.
 

@@ -1,5 +1,6 @@
 """Checkpoints to and from transformers: `export_hf` writes a transformers directory (CLIPModel, or bigmodel's
-AutoModel type for fused models) tensor by tensor; `import_hf` turns a CLIPModel directory into a bigmodel run.
+AutoModel type for fused models) tensor by tensor, with the run's tokenizer and image preprocessing; `import_hf`
+turns a CLIPModel directory, with its tokenizer, into a bigmodel run.
 
 export_hf streams the checkpoint's tensors one at a time; import_hf holds the whole CLIPModel, as transformers does.
 """
@@ -16,23 +17,31 @@ import torch
 from bigmodel.checkpoint.manifest import verify_manifest
 from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.tools import ModelTensors, SafetensorsEntry, saved_config, write_safetensors
+from bigmodel.config.schema import Config
+from bigmodel.data.tokenizer import CaptionTokenizer, holds_tokenizer, load_tokenizer
 from bigmodel.hf.clip import (
     bigmodel_key,
     clip_config_from_model_config,
     clip_to_bigmodel_state_dict,
     model_config_from_clip_config,
 )
+from bigmodel.hf.processing import image_processor, save_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+"""The folder of an imported run that keeps the model's tokenizer (its config's data.tokenizer points there)."""
+_LEGACY_EOS = 2  # transformers' CLIP pools at argmax(input_ids) for this eos_token_id: the highest id, not a token
 
 
 def export_hf(path: str | Path, out_dir: str | Path, progress: bool = False) -> Path:
-    """A transformers directory (config.json, model.safetensors) at `out_dir` computing what the checkpoint's model
-    computes, written tensor by tensor. Returns out_dir.
+    """A transformers directory (config.json, model.safetensors, tokenizer files, preprocessor_config.json) at
+    `out_dir` computing what the checkpoint's model computes, written tensor by tensor. Returns out_dir.
 
     fusion none with the contrastive objective alone: a CLIPModel (`CLIPModel.from_pretrained(out_dir)` or
-    `AutoModel.from_pretrained(out_dir)`, no custom code). Any other model: a `bigmodel.hf.BigmodelModel` that
-    `AutoModel.from_pretrained(out_dir)` loads after `import bigmodel.hf`. The CLIP token ids are bigmodel's fixed
-    ones ([PAD]=0, [BOS]=3, [EOS]=4), which every bigmodel tokenizer uses. The files are checked against the
-    manifest first.
+    `AutoModel.from_pretrained(out_dir)`, no custom code) whose pad/bos/eos ids are the run's tokenizer's. Any
+    other model: a `bigmodel.hf.BigmodelModel` that `AutoModel.from_pretrained(out_dir)` loads after
+    `import bigmodel.hf`. `CLIPProcessor.from_pretrained(out_dir)` prepares captions and images as the run does
+    (see `bigmodel.hf.processing`). The files are checked against the manifest first; the run's data.tokenizer
+    must still be readable.
     """
     from bigmodel.config.load import config_from_dict
 
@@ -40,9 +49,11 @@ def export_hf(path: str | Path, out_dir: str | Path, progress: bool = False) -> 
     verify_manifest(path)
     saved = saved_config(path)
     cfg = config_from_dict(saved)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     tensors = ModelTensors(path)
     objectives = [name for name, weight in saved["train"]["loss_weights"].items() if weight > 0]
     metadata = {"format": "pt"}
+    _save_preprocessing(cfg, tokenizer, out_dir)
     if cfg.model.fusion != "none" or objectives != ["contrastive"]:
         from bigmodel.hf import BigmodelConfig
 
@@ -53,10 +64,20 @@ def export_hf(path: str | Path, out_dir: str | Path, progress: bool = False) -> 
         ]
         write_safetensors(out_dir / "model.safetensors", entries, metadata, progress)
         return out_dir
-    clip_config = clip_config_from_model_config(cfg.model)
+    clip_config = clip_config_from_model_config(
+        cfg.model, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id
+    )
     clip_config.save_pretrained(out_dir)
     write_safetensors(out_dir / "model.safetensors", _clip_entries(path, tensors, clip_config), metadata, progress)
     return out_dir
+
+
+def _save_preprocessing(cfg: Config, tokenizer: CaptionTokenizer, out_dir: Path) -> None:
+    """The run's tokenizer and (for RGB models) its image preprocessing, as CLIPProcessor reads them."""
+    save_tokenizer(tokenizer, out_dir, cfg.model.context_length)
+    processor = image_processor(cfg)
+    if processor is not None:
+        processor.save_pretrained(str(out_dir))
 
 
 def _clip_entries(path: Path, tensors: ModelTensors, clip_config: Any) -> list[SafetensorsEntry]:
@@ -97,18 +118,43 @@ def require_safetensors(hf_dir: Path) -> None:
         )
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str = "builtin") -> Path:
-    """Turn the CLIPModel directory `hf_dir` into a bigmodel run directory `out`: config.yaml and a step-0
-    checkpoint that `bigmodel eval OUT` evaluates and `--checkpoint.resume=OUT` continues. Returns the checkpoint.
+def _checked_import_tokenizer(spec: str, clip_config: Any, vocab_size: int) -> CaptionTokenizer:
+    """The tokenizer `spec`, after checking it fits the model and ends captions where the model pools."""
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {spec} has {tokenizer.vocab_size} ids but the CLIP model only {vocab_size}; import with the "
+            "model's own tokenizer"
+        )
+    eos = clip_config.text_config.eos_token_id
+    if eos == _LEGACY_EOS and tokenizer.eos_id != tokenizer.vocab_size - 1:
+        raise ValueError(
+            f"the CLIP model's eos_token_id is 2 (transformers' legacy rule: pool at the highest id), but tokenizer "
+            f"{spec}'s end-of-text id {tokenizer.eos_id} is not its highest; import with the model's own tokenizer"
+        )
+    if eos not in (_LEGACY_EOS, tokenizer.eos_id):
+        raise ValueError(
+            f"tokenizer {spec} ends captions with id {tokenizer.eos_id} but the CLIP model pools at eos_token_id "
+            f"{eos}; import with the model's own tokenizer (save_pretrained it into the model folder, or --tokenizer)"
+        )
+    return tokenizer
 
-    The config is the defaults with CLIP's model (fusion none), the contrastive objective only and `tokenizer`,
-    whose vocabulary must fit CLIP's. ValueError (one line) if `out` is not empty or the tokenizer does not fit.
+
+def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+    """Turn the CLIPModel directory `hf_dir` into a bigmodel run directory `out`: config.yaml, the tokenizer (in
+    out/tokenizer, which the config's data.tokenizer names) and a step-0 checkpoint that `bigmodel eval OUT`
+    evaluates and `--checkpoint.resume=OUT` continues. Returns the checkpoint.
+
+    `tokenizer` (a data.tokenizer value) defaults to the tokenizer saved in hf_dir (tokenizer.json, or vocab.json
+    + merges.txt), else builtin. The config is the defaults with CLIP's model (fusion none), the contrastive
+    objective only and that tokenizer. ValueError (one line) if `out` is not empty, or the tokenizer has more ids
+    than the model or another end-of-text id than the model's eos_token_id (with transformers' legacy
+    eos_token_id 2, which pools at the highest id: unless the tokenizer's end-of-text id is its highest).
     """
     from transformers import CLIPModel
 
     from bigmodel.config.load import config_from_dict, config_to_dict, save_config
     from bigmodel.data import build_train_loader
-    from bigmodel.data.tokenizer import load_tokenizer
     from bigmodel.engines.native import NativeEngine
     from bigmodel.parallel.context import setup_parallel
 
@@ -120,16 +166,14 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str = "builtin") -
         raise ValueError(f"{out} is not empty; import into a new directory")
     clip = CLIPModel.from_pretrained(hf_dir, use_safetensors=True)
     model = model_config_from_clip_config(clip.config)
-    vocab = load_tokenizer(tokenizer).vocab_size
-    if vocab > model.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer} has {vocab} ids but the CLIP model only {model.vocab_size}; pass a tokenizer.json "
-            "whose vocabulary fits"
-        )
+    if tokenizer is None:
+        tokenizer = str(hf_dir) if holds_tokenizer(hf_dir) else "builtin"
+    kept = _checked_import_tokenizer(tokenizer, clip.config, model.vocab_size)
+    save_tokenizer(kept, out / TOKENIZER_DIR, model.context_length)
     cfg = config_from_dict(
         {
             "model": dataclasses.asdict(model),
-            "data": {"tokenizer": tokenizer},
+            "data": {"tokenizer": str((out / TOKENIZER_DIR).absolute())},
             "train": {"out_dir": str(out), "loss_weights": {"contrastive": 1.0, "itm": 0.0, "mlm": 0.0}},
         }
     )
