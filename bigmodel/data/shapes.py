@@ -148,3 +148,7 @@ class ShapesSource:
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} out of range for {self.size} {self.split} samples")
         return render_shapes(self.split, index, self.image_size, self.max_shapes)
+
+    def sample_id(self, index: int) -> int:
+        """The ledger's id of sample `index`: the index itself (there are no shards)."""
+        return index

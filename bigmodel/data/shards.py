@@ -1,9 +1,11 @@
-"""WebDataset tar shards: the on-disk format of image-text pairs.
+"""WebDataset tar shards: the on-disk format of image-text pairs, as webdataset and img2dataset write them.
 
 A sample is a group of tar members sharing a key (the member name up to the first dot of its basename, as in
-webdataset): one image (`KEY.png` or `KEY.jpg`, also jpeg or webp) and its caption (`KEY.txt`, UTF-8). Shards are
-written with `webdataset.ShardWriter` and read with random access through an index of member offsets, so that
-any rank can fetch any sample of the global stream without streaming through the shards.
+webdataset): one image (`KEY.png`, `KEY.jpg`, also jpeg or webp), its caption (`KEY.txt`, UTF-8) and optionally
+img2dataset's metadata (`KEY.json`; its `status` must be "success" if present, and data.caption_key may name one
+of its fields instead of txt). Shards are written with `webdataset.ShardWriter` and read with random access by
+byte ranges through per-shard indexes (bigmodel.data.index), so that any rank can fetch any sample of the global
+stream, wherever the shards are stored, without streaming through them.
 """
 
 from __future__ import annotations
@@ -13,48 +15,61 @@ import io
 import json
 import math
 import os
-import re
-import tarfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import webdataset
-from braceexpand import braceexpand
 from PIL import Image
 
+from bigmodel.data.index import (
+    ShardEntry,
+    ShardIndex,
+    basename,
+    index_url,
+    read_index,
+    read_summary,
+    scan_shard,
+)
+from bigmodel.data.ledger import sample_id
+from bigmodel.data.locations import (
+    DEFAULT_OPTIONS,
+    ReadOptions,
+    expand_source,
+    is_local,
+    is_pipe,
+    read_range,
+    shard_info,
+    split_sources,
+)
 from bigmodel.data.shapes import render_shapes
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 """Image member extensions the reader accepts (lowercase)."""
 PACK_SEED = 0
 """Seed of the train/eval split drawn by `pack_pairs`; fixed so repacking the same pairs gives the same split."""
-_MAX_OPEN_FILES = 64
-# webdataset's own rule (webdataset.tariterators.base_plus_ext): the key keeps the directories and the basename up
-# to its first dot; everything after that dot is the member's extension.
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_MAX_TABLES = 1024
+"""Shard indexes a process keeps in memory (least recently used dropped first)."""
+_INDEX_READERS = 16
+"""Shard indexes read at once at start-up when a source has no summary."""
+_CAPTION_KEY_PROBE = 16
+"""With a JSON caption key, start-up checks that one of the first this many samples of the first shard has it."""
+_COALESCE_SLACK = 4096
+"""A sample's members are fetched in one ranged read when the gaps between them (tar headers) total at most this."""
 
 
 class BadSample(Exception):
     """A sample that cannot be used: missing image or caption, undecodable image or empty caption."""
 
 
-def expand_pattern(pattern: str) -> list[str]:
-    """The shard files named by a brace pattern such as data/train-{000000..000009}.tar.
+class FailedSample(BadSample):
+    """A sample whose img2dataset metadata says it was not downloaded (a `status` other than "success")."""
 
-    Raises ValueError for an empty pattern and FileNotFoundError (naming the pattern) if any file is missing.
-    """
-    if not pattern.strip():
-        raise ValueError("empty shard pattern; give a path such as data/train-{000000..000009}.tar")
-    paths = list(braceexpand(pattern))
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(
-            f"shard pattern {pattern}: {len(missing)} of {len(paths)} files missing (first: {missing[0]})"
-        )
-    return paths
+
+class MissingCaptionKey(BadSample):
+    """A sample whose JSON metadata lacks the field data.caption_key names."""
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -67,90 +82,209 @@ def decode_image(data: bytes) -> np.ndarray:
         raise BadSample(f"undecodable image ({error})") from None
 
 
-def _index_shard(path: str) -> list[tuple[str, str | None, tuple[int, int], tuple[int, int]]]:
-    """(key, image extension, image (offset, size), caption (offset, size)) per sample of one shard, in order.
+def parse_sample(key: str, members: dict[str, bytes], caption_key: str = "txt") -> tuple[bytes, str, str]:
+    """(image bytes, image extension, caption) of one sample from its members ({lowercase extension: bytes}).
 
-    A missing image has extension None and a missing member has size -1; both are reported as BadSample on read.
+    The one rule both read modes use. Raises FailedSample if KEY.json has a `status` other than "success",
+    MissingCaptionKey if `caption_key` (txt or a KEY.json field) is absent, and BadSample for no image or an empty
+    or non-UTF-8 caption.
     """
-    members: dict[str, dict[str, tuple[int, int]]] = {}
+    metadata = _metadata(key, members, required=False)
+    caption = parse_caption(key, members, caption_key, metadata)
+    ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if ext is None:
+        raise BadSample(f"sample {key} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return members[ext], ext, caption
+
+
+def parse_caption(key: str, members: dict[str, bytes], caption_key: str, metadata: dict | None = None) -> str:
+    """The stripped caption of one sample (KEY.txt or a KEY.json field); raises BadSample as `parse_sample` does."""
+    metadata = metadata if metadata is not None else _metadata(key, members, required=caption_key != "txt")
+    if metadata is not None and metadata.get("status", "success") != "success":
+        raise FailedSample(f"sample {key}: img2dataset status {metadata['status']!r}")
+    if caption_key == "txt":
+        if "txt" not in members:
+            raise BadSample(f"sample {key} has no caption ({key}.txt)")
+        try:
+            caption = members["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadSample(f"sample {key}: caption is not UTF-8") from None
+    else:
+        if caption_key not in metadata:
+            raise MissingCaptionKey(
+                f"sample {key}: {key}.json has no field {caption_key!r} (fields: {', '.join(sorted(metadata))}); "
+                "set data.caption_key to one of them or to txt"
+            )
+        caption = metadata[caption_key]
+        if not isinstance(caption, str):
+            raise BadSample(f"sample {key}: {key}.json field {caption_key!r} is not a string")
+    if not caption.strip():
+        raise BadSample(f"sample {key}: empty caption")
+    return caption.strip()
+
+
+def _metadata(key: str, members: dict[str, bytes], required: bool) -> dict | None:
+    if "json" not in members:
+        if required:
+            raise MissingCaptionKey(
+                f"sample {key} has no {key}.json to read the caption from; set data.caption_key: txt"
+            )
+        return None
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                match = _MEMBER_NAME.match(info.name)
-                if info.isfile() and match:
-                    members.setdefault(match.group(1), {})[match.group(2).lower()] = (info.offset_data, info.size)
-    except tarfile.ReadError as error:
-        raise ValueError(f"shard {path} is not an uncompressed tar file ({error})") from None
-    entries = []
-    for key, by_ext in members.items():
-        image_ext = next((ext for ext in by_ext if ext in IMAGE_EXTENSIONS), None)
-        image = by_ext[image_ext] if image_ext else (0, -1)
-        entries.append((key, image_ext, image, by_ext.get("txt", (0, -1))))
-    return entries
+        metadata = json.loads(members["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadSample(f"sample {key}: {key}.json is not valid JSON") from None
+    if not isinstance(metadata, dict):
+        raise BadSample(f"sample {key}: {key}.json is not a JSON object")
+    return metadata
 
 
 class IndexedShards:
-    """Random access to the samples of a set of shards, numbered in pattern order, then order within a shard.
+    """Random access to the samples of `::`-joined shard sources, numbered source by source in spec order, then
+    shard by shard, then in tar order; members are read by byte ranges wherever the shards are stored.
 
-    The index (member offsets) is built once on construction by reading the tar headers. Files are opened lazily
-    and per process, so an instance can be handed to DataLoader workers (forked or pickled).
+    Start-up reads each source's index summary (or, without one, each shard's index); local shards without an
+    index are scanned as before. A shard's index is loaded, and its size and etag checked against the shard, when
+    a process first reads from it. Instances are picklable for DataLoader workers; loaded indexes are per process.
     """
 
-    def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
-        self.paths = expand_pattern(pattern)
-        entries = [(shard, entry) for shard, path in enumerate(self.paths) for entry in _index_shard(path)]
-        if not entries:
-            raise ValueError(f"shard pattern {pattern}: the shards hold no samples")
-        self._extensions = sorted({entry[1] or "" for _, entry in entries})
-        self._shard = np.array([shard for shard, _ in entries], dtype=np.int32)
-        self._image_ext = np.array([self._extensions.index(entry[1] or "") for _, entry in entries], dtype=np.int16)
-        self._image = np.array([entry[2] for _, entry in entries], dtype=np.int64)  # (N, 2): offset, size
-        self._caption = np.array([entry[3] for _, entry in entries], dtype=np.int64)  # (N, 2): offset, size
-        self._files: OrderedDict[int, BinaryIO] = OrderedDict()
+    def __init__(
+        self, spec: str, index_dir: str = "", options: ReadOptions = DEFAULT_OPTIONS, caption_key: str = "txt"
+    ) -> None:
+        self.spec, self.index_dir, self.options, self.caption_key = spec, index_dir, options, caption_key
+        self.shard_urls: list[str] = []
+        """Every shard's URL, in global shard-number order (the shard number is sample_id >> 32)."""
+        self._expected: list[ShardEntry | None] = []  # per shard: what the summary says, None if scanned here
+        self._scanned: dict[int, ShardIndex] = {}  # local shards without an index, scanned at start-up
+        self._source_of: list[str] = []
+        for source in split_sources(spec):
+            self._add_source(source)
+        counts = [len(self._scanned[s]) if e is None else e.samples for s, e in enumerate(self._expected)]
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        if self._starts[-1] == 0:
+            raise ValueError(f"shard spec {spec}: the shards hold no samples")
+        self._loaded: OrderedDict[int, ShardIndex] = OrderedDict()
         self._pid = os.getpid()
+        if caption_key != "txt":
+            self._check_caption_key()
+
+    def _add_source(self, source: str) -> None:
+        if is_pipe(source):
+            raise ValueError(f"{source}: a pipe: source can only be streamed; set data.mode=streaming")
+        urls = expand_source(source)
+        summary = read_summary(source, self.index_dir, self.options)
+        if summary is not None and [entry.name for entry in summary] == [basename(url) for url in urls]:
+            entries: list[ShardEntry | None] = list(summary)
+        else:
+            with ThreadPoolExecutor(max_workers=_INDEX_READERS) as pool:
+                indexes = list(pool.map(lambda url: read_index(url, self.index_dir, self.options), urls))
+            entries = [
+                self._entry_without_summary(source, url, index) for url, index in zip(urls, indexes, strict=True)
+            ]
+        for url, entry in zip(urls, entries, strict=True):
+            if entry is None:
+                self._scanned[len(self.shard_urls)] = scan_shard(url, self.options)
+            self.shard_urls.append(url)
+            self._source_of.append(source)
+            self._expected.append(entry)
+
+    def _entry_without_summary(self, source: str, url: str, index: ShardIndex | None) -> ShardEntry | None:
+        """The summary entry `index` stands for; None for a local shard without one (scanned instead)."""
+        if index is not None:
+            return ShardEntry(index.name, len(index), index.info)
+        if not is_local(url):
+            raise ValueError(
+                f"{url} has no index ({index_url(url, self.index_dir)}); run `bigmodel data index {source}` "
+                "(add --out DIR and set data.index_dir: DIR to keep indexes elsewhere) or set data.mode=streaming"
+            )
+        return None
 
     def __len__(self) -> int:
-        return len(self._shard)
+        return int(self._starts[-1])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_files"] = OrderedDict()
+        state["_loaded"] = OrderedDict()
         return state
 
-    def _file(self, shard: int) -> BinaryIO:
-        if self._pid != os.getpid():  # a forked worker must not share the parent's file positions
-            self._files, self._pid = OrderedDict(), os.getpid()
-        if shard in self._files:
-            self._files.move_to_end(shard)
-        else:
-            if len(self._files) >= _MAX_OPEN_FILES:
-                self._files.popitem(last=False)[1].close()
-            self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115 (kept open across reads)
-        return self._files[shard]
+    def locate(self, index: int) -> tuple[int, int]:
+        """(global shard number, member number within the shard) of sample `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - int(self._starts[shard])
 
-    def _read(self, index: int, member: np.ndarray, what: str) -> bytes:
-        offset, size = (int(value) for value in member[index])
-        if size < 0:
-            raise BadSample(f"sample {index} of {self.pattern} has no {what}")
-        file = self._file(int(self._shard[index]))
-        file.seek(offset)
-        return file.read(size)
+    def sample_id(self, index: int) -> int:
+        """(global shard number << 32) | member number: names sample `index` together with `shard_urls`."""
+        return sample_id(*self.locate(index))
+
+    def _table(self, shard: int) -> ShardIndex:
+        if shard in self._scanned:
+            return self._scanned[shard]
+        if self._pid != os.getpid():  # a forked worker starts with its own cache
+            self._loaded, self._pid = OrderedDict(), os.getpid()
+        if shard in self._loaded:
+            self._loaded.move_to_end(shard)
+            return self._loaded[shard]
+        table = self._load_checked(shard)
+        if len(self._loaded) >= _MAX_TABLES:
+            self._loaded.popitem(last=False)
+        self._loaded[shard] = table
+        return table
+
+    def _load_checked(self, shard: int) -> ShardIndex:
+        """The index of `shard`, after checking it still describes the shard (the summary too)."""
+        url, expected = self.shard_urls[shard], self._expected[shard]
+        table = read_index(url, self.index_dir, self.options)
+        fix = f"re-run `bigmodel data index {self._source_of[shard]}`"
+        if table is None:
+            raise ValueError(f"{url}: its index {index_url(url, self.index_dir)} is missing; {fix}")
+        current = shard_info(url, self.options)
+        if table.info != current or (expected.samples, expected.info) != (len(table), table.info):
+            raise ValueError(
+                f"{url} no longer matches its index (shard: size {current.size}, etag {current.etag}; index: size "
+                f"{table.info.size}, etag {table.info.etag}, {len(table)} samples; summary: {expected.samples}); {fix}"
+            )
+        return table
+
+    def members(self, index: int, images: bool = True) -> tuple[str, dict[str, bytes]]:
+        """The key and members ({extension: bytes}) of sample `index`, fetched in one ranged read when they are
+        adjacent; `images=False` leaves out image members. Raises BadSample for a member cut off by a truncated
+        shard."""
+        shard, member = self.locate(index)
+        table = self._table(shard)
+        key, url = table.keys[member], self.shard_urls[shard]
+        spans = {ext: span for ext, span in table.members(member).items() if images or ext not in IMAGE_EXTENSIONS}
+        if any(offset + size > table.info.size for offset, size in spans.values()):
+            raise BadSample(f"{url}: sample {key} is cut off (truncated tar)")
+        if not spans:
+            return key, {}
+        start = min(offset for offset, _ in spans.values())
+        end = max(offset + size for offset, size in spans.values())
+        if end - start <= sum(size for _, size in spans.values()) + _COALESCE_SLACK:
+            block = read_range(url, start, end - start, self.options)
+            return key, {ext: block[offset - start : offset - start + size] for ext, (offset, size) in spans.items()}
+        return key, {ext: read_range(url, offset, size, self.options) for ext, (offset, size) in spans.items()}
+
+    def _describe(self, index: int, error: BadSample) -> BadSample:
+        """`error` again, with the shard's URL in front (its class kept, so counts by kind still work)."""
+        return type(error)(f"{self.shard_urls[self.locate(index)[0]]}: {error}")
 
     def caption(self, index: int) -> str:
         """The caption of sample `index`, stripped; raises BadSample if missing, not UTF-8 or empty."""
+        key, members = self.members(index, images=False)
         try:
-            caption = self._read(index, self._caption, "caption").decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise BadSample(f"sample {index} of {self.pattern}: caption is not UTF-8") from None
-        if not caption:
-            raise BadSample(f"sample {index} of {self.pattern}: empty caption")
-        return caption
+            return parse_caption(key, members, self.caption_key)
+        except BadSample as error:
+            raise self._describe(index, error) from None
 
     def raw(self, index: int) -> tuple[bytes, str, str]:
-        """Image bytes, image extension and caption of sample `index`; raises BadSample as `caption` does."""
-        caption = self.caption(index)
-        return self._read(index, self._image, "image"), self._extensions[self._image_ext[index]], caption
+        """Image bytes, image extension and caption of sample `index`; raises BadSample as `parse_sample` does."""
+        key, members = self.members(index)
+        try:
+            return parse_sample(key, members, self.caption_key)
+        except BadSample as error:
+            raise self._describe(index, error) from None
 
     def load(self, index: int) -> tuple[np.ndarray, str]:
         """The decoded (H, W, 3) uint8 image and caption of sample `index`; raises BadSample if unusable."""
@@ -165,10 +299,23 @@ class IndexedShards:
             except BadSample:
                 continue
 
-    def close(self) -> None:
-        """Close the files this process opened; later reads reopen them."""
-        while self._files:
-            self._files.popitem()[1].close()
+    def _check_caption_key(self) -> None:
+        """One-line ValueError if none of the first samples of the first shard has the JSON caption key."""
+        probed = range(min(_CAPTION_KEY_PROBE, int(self._starts[1])))
+        errors = []
+        for index in probed:
+            try:
+                self.caption(index)
+                return
+            except MissingCaptionKey as error:
+                errors.append(error)
+            except BadSample:
+                continue
+        if errors:
+            raise ValueError(
+                f"data.caption_key {self.caption_key!r}: none of the first {len(probed)} samples of "
+                f"{self.shard_urls[0]} has it ({str(errors[0]).split(': ', 1)[-1]})"
+            )
 
 
 def write_shards(samples: Iterable[tuple[bytes, str, str]], out_dir: str | Path, prefix: str, per_shard: int) -> str:
