@@ -107,6 +107,9 @@ class GlobalBatchLoader:
                 batch_size=None,
                 sampler=itertools.count(self.step),
                 num_workers=self.num_workers,
+                # A generator of its own: seeding the workers must not draw from (and so shift) the global RNG
+                # that the trainer seeds per step for dropout.
+                generator=torch.Generator(),
             )
         )
 

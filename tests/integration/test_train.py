@@ -46,9 +46,12 @@ def test_loss_falls_and_run_directory_is_complete(tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "step_00000040"
 
 
-def test_resume_continues_the_uninterrupted_run_exactly(tmp_path):
-    # Dropout on: its draws are seeded per step, so a resumed run needs no saved RNG state to match.
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_uninterrupted_run_exactly(tmp_path, workers):
+    # Dropout on: its draws are seeded per step, so a resumed run needs no saved RNG state to match. With loader
+    # workers, starting them must not draw from the global RNG either (it would shift the dropout of the first step).
     common = ["--train.steps=6", "--log.every=1", "--model.dropout=0.1", "--train.deterministic=true"]
+    common.append(f"--data.num_workers={workers}")
     train(tiny(tmp_path / "whole", *common, "--checkpoint.every=3"))
     midway = tmp_path / "whole" / "run" / "checkpoints" / "step_00000003"
     resumed = train(tiny(tmp_path / "resumed", *common, f"--checkpoint.resume={midway}"))
