@@ -103,6 +103,31 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors_as_exit_code
+def audit(args: argparse.Namespace) -> int:
+    from bigmodel.data.ledger import audit_runs
+
+    result = audit_runs(args.run_a, args.run_b)
+    for line in result.lines(args.run_a, args.run_b):
+        print(line)
+    return 0 if result.agree else 1
+
+
+@_user_errors_as_exit_code
+def index(args: argparse.Namespace) -> int:
+    from bigmodel.data.index import write_indexes
+    from bigmodel.data.locations import ReadOptions, split_sources
+
+    for source in split_sources(args.pattern):
+        result = write_indexes(source, args.out, ReadOptions(retries=args.retries), args.jobs)
+        where = args.out or "beside the shards"
+        print(f"indexed {result['shards']} shards ({result['samples']} samples) of {source}: indexes {where}")
+        print(f"summary: {result['summary']}")
+    if args.out:
+        print(f"to train from these indexes, put in the config: data.index_dir: {args.out}")
+    return 0
+
+
 def _add_make_shapes(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "make-shapes",
@@ -194,6 +219,37 @@ def _add_show(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=show)
 
 
+def _add_audit(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "audit",
+        help="compare the sample ledgers of two runs: the first step, rank and sample where they differ",
+        description="Rebuild every step's global batch (microbatch by microbatch, rank by rank) from each run's "
+        "ledger/ folder and compare them step by step, in any two layouts. Prints the steps the runs agree on, or "
+        "the first step and position where they differ with the rank that held it and the two samples (shard URL "
+        "and member number). Steps only one run has are listed. Exit status 0 if they agree, 1 if not.",
+    )
+    parser.add_argument("run_a", metavar="RUN_A", help="a run directory (train.out_dir)")
+    parser.add_argument("run_b", metavar="RUN_B", help="the run directory to compare it with")
+    parser.set_defaults(func=audit)
+
+
+def _add_index(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "index",
+        help="write the per-shard indexes that indexed mode reads instead of scanning the tars",
+        description="Read every shard of PATTERN (local, s3://, http(s)://; sources joined by ::) once and write "
+        "NAME.tar.index.json per shard (member offsets and sizes, the shard's size and etag) and one summary "
+        "index-HASH.json per source, beside the shards or into --out DIR. Re-run it after a shard changes.",
+    )
+    parser.add_argument("pattern", metavar="PATTERN", help="e.g. s3://bucket/train-{000000..009999}.tar")
+    parser.add_argument("--out", default="", metavar="DIR", help="write the indexes here (local or remote) instead")
+    parser.add_argument("--jobs", type=_positive_int, default=8, help="shards indexed at once (%(default)s)")
+    parser.add_argument(
+        "--retries", type=int, default=_DATA_DEFAULTS.retries, help="retries of a failed read (%(default)s)"
+    )
+    parser.set_defaults(func=index)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command and its subcommands to the `bigmodel` parser."""
     parser = subparsers.add_parser(
@@ -203,5 +259,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "files) or WebDataset shards (data.source: shards) written by make-shapes or pack.",
     )
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    for add in (_add_make_shapes, _add_pack, _add_train_tokenizer, _add_show):
+    for add in (_add_make_shapes, _add_pack, _add_index, _add_train_tokenizer, _add_show, _add_audit):
         add(commands)

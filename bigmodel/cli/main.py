@@ -17,6 +17,18 @@ COMMANDS = (train, eval, finetune, data, launch, slurm, verify, ckpt, plan, benc
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
+def one_line(err: BaseException) -> str:
+    """The message of `err` as one line. An error raised in a DataLoader worker arrives re-raised by torch with the
+    worker's whole traceback as its message ("Caught ValueError in DataLoader worker process 0. Original
+    Traceback ..."); its last line is the original "ValueError: message"."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(err).__name__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigmodel",
@@ -41,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BIGMODEL_DEBUG"):
             raise
         if read_dist_env().rank == 0:  # every process of a job hits the same bad input; say it once
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

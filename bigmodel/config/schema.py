@@ -105,8 +105,9 @@ class DataConfig:
     """indexed mode: the folder (local or remote) of the per-shard indexes written by `bigmodel data index`; empty:
     beside each shard."""
     train_weights: list[float] = Field(default_factory=list)
-    """One sampling weight per `::`-joined training source (OpenCLIP's --train-data-upsampling-factors); empty:
-    every source in proportion to its number of samples (indexed) or shards (streaming)."""
+    """streaming mode: one positive weight per `::`-joined training source, multiplying the chance of each of its
+    shards (OpenCLIP's --train-data-upsampling-factors): source i supplies w_i * n_i / sum_j w_j * n_j of the shards
+    read (n: shard counts); empty: every shard alike. The indexed mode refuses weights."""
     resampled: bool = False
     """streaming mode: draw shards with replacement, independently per (rank, worker) (OpenCLIP's
     --dataset-resampled); false: each epoch deals every shard once."""
@@ -120,7 +121,9 @@ class DataConfig:
     backoff; a shard still unreachable is an error naming its URL and the status."""
     tokenizer: str = "builtin"
     """builtin: the tokenizer shipped for the embedded dataset; otherwise a tokenizers tokenizer.json file or a
-    transformers tokenizer folder (its BOS, EOS and PAD ids are read from it)."""
+    transformers tokenizer folder (tokenizer.json, or vocab.json + merges.txt). Its BOS, EOS, PAD and MASK tokens
+    are read from it as transformers does; EOS is required, PAD falls back to EOS, MASK is needed only when
+    train.loss_weights.mlm > 0."""
     train_size: int = Field(100_000, ge=1)
     """With source shapes: number of distinct training samples (an epoch)."""
     eval_size: int = Field(512, ge=1)
@@ -140,13 +143,18 @@ class DataConfig:
     image_std: list[float] = Field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     """transform clip: per-channel standard deviation divided by after the mean (OpenAI CLIP's)."""
     augment: bool = True
-    """transform shapes: caption-preserving image augmentation (brightness/contrast jitter and pixel noise); never
-    flips or crops, since captions name positions."""
+    """Training images augmented. transform shapes: caption-preserving jitter (brightness, contrast, pixel noise;
+    never flips or crops, since captions name positions); transform clip: random resized crops (false: training
+    uses the evaluation transform, resize and centre crop)."""
     ledger: bool = True
     """Record the sample ids of every step (per rank, under the run's ledger/ folder) and their hash in checkpoints,
     for `bigmodel data audit`."""
     num_workers: int = Field(0, ge=0)
     """Background processes that prepare batches (0: in the training process)."""
+    streams: int = Field(0, ge=0)
+    """streaming mode: shard readers per data-parallel rank, each with its own shuffle buffer, building whole local
+    batches in turn (0: one per worker, data.num_workers or 1). Batches depend on it, not on num_workers, which
+    must divide it; a resume continues exactly only with the same dp size and streams."""
 
 
 @dataclass(config=SECTION_CONFIG)

@@ -17,6 +17,8 @@ def validate_config(cfg: Config) -> None:
     check_batch(cfg)
     check_schedule(cfg)
     check_data(cfg)
+    check_streaming(cfg)
+    check_transform(cfg)
     refuse_unavailable(cfg)
     check_reshard(cfg)
     check_engine(cfg)
@@ -151,6 +153,60 @@ def check_data(cfg: Config) -> None:
             "data.source=shards needs data.train_shards, e.g. data/shapes/train-{000000..000009}.tar "
             "(bigmodel data make-shapes writes such shards)"
         )
+
+
+def check_streaming(cfg: Config) -> None:
+    """The streaming mode's fields: weights one per `::` source and positive, streaming settings only where shards
+    are streamed (data.mode=auto resolves against the shard locations when the loader is built), num_workers
+    dividing streams."""
+    d = cfg.data
+    if d.source == "shapes":
+        for field, bad, value in (("mode", d.mode == "streaming", d.mode), ("resampled", d.resampled, d.resampled)):
+            if bad:
+                raise ConfigError(
+                    f"data.{field}={value} streams shards, but data.source=shapes; set data.source=shards"
+                )
+    sources = len(d.train_shards.split("::"))  # the source separator of bigmodel.data.locations
+    if d.train_weights and (d.source == "shapes" or len(d.train_weights) != sources):
+        raise ConfigError(
+            f"data.train_weights has {len(d.train_weights)} weights but data.train_shards has "
+            f"{sources if d.source == 'shards' else 0} '::'-joined sources; give one weight per source"
+        )
+    if any(weight <= 0 for weight in d.train_weights):
+        raise ConfigError(f"data.train_weights={d.train_weights} has a weight <= 0; drop that source instead")
+    if d.mode == "indexed" and (d.train_weights or d.resampled):
+        field = "data.train_weights" if d.train_weights else "data.resampled"
+        raise ConfigError(f"{field} needs data.mode=streaming (data.mode=indexed reads a fixed order); set it")
+    if d.streams and d.num_workers and d.streams % d.num_workers:
+        raise ConfigError(
+            f"data.num_workers={d.num_workers} must divide data.streams={d.streams} (each worker runs whole readers); "
+            f"use one of {_divisors(d.streams)} workers"
+        )
+
+
+def check_transform(cfg: Config) -> None:
+    """data.crop_scale is a (min, max) area fraction in (0, 1]; data.image_mean and data.image_std hold one positive
+    std and one mean per channel (3, or 1 for grey, which data.transform=clip checks against model.channels)."""
+    d, channels = cfg.data, cfg.model.channels
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(
+            f"data.crop_scale={d.crop_scale} must be two area fractions 0 < min <= max <= 1; "
+            "e.g. data.crop_scale=[0.9,1.0]"
+        )
+    if len(d.image_mean) not in (1, 3) or len(d.image_std) != len(d.image_mean):
+        raise ConfigError(
+            f"data.image_mean has {len(d.image_mean)} values and data.image_std {len(d.image_std)}; give both 3 "
+            "values (RGB) or both 1 (grey)"
+        )
+    if d.transform == "clip" and len(d.image_mean) != channels:
+        example = "[0.5]" if channels == 1 else "[0.5,0.5,0.5]"
+        raise ConfigError(
+            f"data.image_mean and data.image_std have {len(d.image_mean)} values but model.channels={channels}; "
+            f"data.transform=clip normalises each channel: give one value per channel, e.g. "
+            f"data.image_mean={example} data.image_std={example}"
+        )
+    if any(std <= 0 for std in d.image_std):
+        raise ConfigError(f"data.image_std={d.image_std} has a value <= 0; every standard deviation must be positive")
 
 
 def refuse_unavailable(cfg: Config) -> None:

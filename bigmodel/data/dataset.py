@@ -13,11 +13,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
 from bigmodel.config.schema import Config
 from bigmodel.data.shards import BadSample
 from bigmodel.data.tokenizer import CaptionTokenizer
+from bigmodel.data.transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +25,6 @@ IGNORE_INDEX = -100
 """Label of positions the MLM loss ignores (torch.nn.functional.cross_entropy's default ignore_index)."""
 _MASK_FRACTION, _RANDOM_FRACTION = 0.8, 0.1
 """Of the tokens selected for MLM: 80% become [MASK], 10% a random ordinary token, the rest stay (BERT's recipe)."""
-_BRIGHTNESS = 0.1
-"""Augmentation adds a brightness offset drawn from [-this, this] (pixel values in [0, 1])."""
-_CONTRAST = 0.2
-"""Augmentation scales contrast about the image mean by a factor drawn from [1 - this, 1 + this]."""
-_NOISE_STD = 0.02
-"""Standard deviation of the Gaussian pixel noise added by augmentation (pixel values in [0, 1])."""
 
 
 class PairSource(Protocol):
@@ -42,17 +36,25 @@ class PairSource(Protocol):
         """The (H, W, 3) uint8 image and non-empty caption of sample `index`; raises BadSample if unusable."""
         ...
 
+    def sample_id(self, index: int) -> int:
+        """The id the ledger records for sample `index` ((shard number << 32) | member number for shards)."""
+        ...
+
 
 def mask_tokens(
     ids: np.ndarray, tokenizer: CaptionTokenizer, probability: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT-style masking of one (L,) id sequence: returns (masked ids, labels).
 
-    Each ordinary (non-special) token is selected with `probability`, and at least one is when probability > 0;
-    selected tokens become [MASK] (80%), a random ordinary token (10%) or stay (10%). Labels hold the original id
-    at selected positions and IGNORE_INDEX elsewhere.
+    Each ordinary token (one not in tokenizer.special_ids) is selected with `probability`, and at least one is when
+    probability > 0; selected tokens become [MASK] (80%), a random ordinary token (10%) or stay (10%). Labels hold
+    the original id at selected positions and IGNORE_INDEX elsewhere. A tokenizer without [MASK] selects nothing
+    (the builders allow one only when the MLM loss weight is 0).
     """
-    candidates = ids >= tokenizer.num_special
+    if tokenizer.mask_id is None:
+        return ids.copy(), np.full_like(ids, IGNORE_INDEX)
+    special = np.asarray(tokenizer.special_ids)
+    candidates = ~np.isin(ids, special)
     selected = candidates & (rng.random(ids.shape) < probability)
     if probability > 0 and candidates.any() and not selected.any():
         selected[rng.choice(np.flatnonzero(candidates))] = True
@@ -61,38 +63,35 @@ def mask_tokens(
     masked[selected & (action < _MASK_FRACTION)] = tokenizer.mask_id
     randomized = selected & (action >= _MASK_FRACTION) & (action < _MASK_FRACTION + _RANDOM_FRACTION)
     if randomized.any():
-        masked[randomized] = rng.integers(tokenizer.num_special, tokenizer.vocab_size, size=int(randomized.sum()))
+        draws = rng.integers(0, tokenizer.vocab_size - len(special), size=int(randomized.sum()))
+        masked[randomized] = _ordinary_id(draws, special)
     return masked, np.where(selected, ids, IGNORE_INDEX)
 
 
-def augment_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Caption-preserving jitter of an (H, W, C) float32 image in [0, 1]: brightness, contrast, pixel noise.
+def _ordinary_id(ranks: np.ndarray, special: np.ndarray) -> np.ndarray:
+    """The ranks[i]-th id (from 0) that is not in the sorted array `special`: rank plus the special ids before it.
 
-    Never flips, crops or rotates: captions name positions.
+    special[j] - j ordinary ids precede special[j], so it comes before the rank-th ordinary id when that is <= rank.
     """
-    mean = image.mean()
-    contrast = rng.uniform(1.0 - _CONTRAST, 1.0 + _CONTRAST)
-    brightness = rng.uniform(-_BRIGHTNESS, _BRIGHTNESS)
-    noise = rng.standard_normal(image.shape, dtype=np.float32) * _NOISE_STD
-    return np.clip((image - mean) * contrast + mean + brightness + noise, 0.0, 1.0).astype(np.float32)
+    return ranks + np.searchsorted(special - np.arange(len(special)), ranks, side="right")
 
 
 class ImageTextDataset:
     """A `PairSource` seen as model inputs sized by cfg.model, masked with cfg.data.mlm_probability.
 
-    `augment` turns on `augment_image` (builders pass cfg.data.augment for training and False for evaluation).
+    Images go through cfg.data.transform (bigmodel.data.transforms); `augment` selects its training form (shapes:
+    caption-preserving jitter; clip: random resized crop). Builders pass cfg.data.augment for training and False
+    for evaluation. `source` is None for readers that fetch samples themselves and call `features`.
     """
 
-    def __init__(self, source: PairSource, tokenizer: CaptionTokenizer, cfg: Config, augment: bool) -> None:
+    def __init__(self, source: PairSource | None, tokenizer: CaptionTokenizer, cfg: Config, augment: bool) -> None:
         if cfg.model.channels not in (1, 3):
             raise ValueError(f"model.channels must be 1 (grey) or 3 (RGB) for image data, got {cfg.model.channels}")
         self.source = source
         self.tokenizer = tokenizer
-        self.image_size = cfg.model.image_size
-        self.channels = cfg.model.channels
+        self.transform = build_transform(cfg, train=augment)
         self.context_length = cfg.model.context_length
         self.mlm_probability = cfg.data.mlm_probability
-        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.source)
@@ -114,16 +113,8 @@ class ImageTextDataset:
         raise RuntimeError(f"none of the {len(self)} samples could be loaded; check the data source")
 
     def _pixels(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(C, H, W) float32 in [-1, 1] from an (H, W, 3) uint8 image."""
-        if image.shape[:2] != (self.image_size, self.image_size) or self.channels == 1:
-            pil = Image.fromarray(image).convert("L" if self.channels == 1 else "RGB")
-            # Squash rather than crop: a crop could cut away a shape the caption names.
-            pil = pil.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            image = np.asarray(pil).reshape(self.image_size, self.image_size, self.channels)
-        pixels = image.astype(np.float32) / 255.0
-        if self.augment:
-            pixels = augment_image(pixels, rng)
-        return ((pixels - 0.5) / 0.5).transpose(2, 0, 1)
+        """(C, S, S) float32 model input from an (H, W, 3) uint8 image; draws its randomness from `rng`."""
+        return self.transform(image, rng)
 
     def example(self, index: int, key: Sequence[int]) -> tuple[dict[str, np.ndarray], int]:
         """Features of sample `index` (or its substitute) and how many bad samples were skipped to find it.
@@ -131,26 +122,35 @@ class ImageTextDataset:
         `key` (non-negative ints) seeds augmentation and masking: equal (index, key) give equal features.
         """
         used_index, image, caption, skipped = self._load_usable(index)
+        features = self.features(image, caption, key)
+        features["index"] = np.int64(used_index)
+        features["sample_id"] = np.int64(self.source.sample_id(used_index))
+        return features, skipped
+
+    def features(self, image: np.ndarray, caption: str, key: Sequence[int]) -> dict[str, np.ndarray]:
+        """Model inputs of one (H, W, 3) uint8 image and its caption, augmented and masked as seeded by `key`.
+
+        The part of `example` after loading, for readers that fetch samples themselves (the streaming loader).
+        """
         rng = np.random.default_rng(list(key))
         pixels = self._pixels(image, rng)
         ids, attention_mask = self.tokenizer.encode(caption, self.context_length)
         ids = np.asarray(ids, dtype=np.int64)
         mlm_ids, mlm_labels = mask_tokens(ids, self.tokenizer, self.mlm_probability, rng)
-        features = {
+        return {
             "pixel_values": pixels,
             "input_ids": ids,
             "attention_mask": np.asarray(attention_mask, dtype=np.int64),
             "mlm_input_ids": mlm_ids,
             "mlm_labels": mlm_labels,
-            "index": np.int64(used_index),
         }
-        return features, skipped
 
     def batch(self, indices: Sequence[int], keys: Sequence[Sequence[int]]) -> tuple[dict[str, torch.Tensor], int]:
         """Stacked features of `indices` (sample i keyed by keys[i]) and the number of bad samples skipped.
 
         Keys: pixel_values (B, C, H, W) float32; input_ids, attention_mask, mlm_input_ids, mlm_labels (B, L)
-        int64; index (B,) int64, the dataset index each row came from (after substitution).
+        int64; index (B,) int64, the dataset index each row came from (after substitution); sample_id (B,) int64,
+        that row's `PairSource.sample_id`.
         """
         examples = [self.example(index, key) for index, key in zip(indices, keys, strict=True)]
         batch = {name: torch.from_numpy(np.stack([f[name] for f, _ in examples])) for name in examples[0][0]}

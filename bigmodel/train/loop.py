@@ -6,6 +6,7 @@ data-parallel rank, and hands checkpointing the engine's state (the engine saves
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -22,7 +23,10 @@ from bigmodel.checkpoint.manifest import require_fields, verify_checkpoint
 from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, step_folder
 from bigmodel.checkpoint.sharded import PendingSave
 from bigmodel.config import Config, config_to_dict, save_config
+from bigmodel.config.validate import microbatches_per_step
 from bigmodel.data import build_eval_loader, build_train_loader
+from bigmodel.data.ledger import LEDGER_DIR, Layout, Ledger
+from bigmodel.data.streaming import merge_rank_states
 from bigmodel.engines import Engine, build_engine
 from bigmodel.losses import active_objectives
 from bigmodel.models.flops import flops_per_sample
@@ -116,6 +120,9 @@ class Trainer:
         self.stopped_by: str | None = None
         self.pending: PendingSave | None = None  # a background save still being written
         self.purger = Purger()  # deletes replaced and retired checkpoints in the background
+        self.ledger = build_ledger(cfg, ctx, run_dir) if cfg.data.ledger else None
+        self.resumed_ledger: dict[str, Any] | None = None
+        """The resumed checkpoint's ledger entry (its chain hash), checked against the ledger files by fit."""
         log = cfg.log
         self.profiler = StepProfiler(
             log.profile_step, log.profile_steps, cfg.train.steps, run_dir / "profile", ctx.env.rank, ctx.is_main
@@ -141,14 +148,25 @@ class Trainer:
         self.finish_save()
         extra = {
             "samples_seen": self.samples_seen,
-            "loader": self.loader.state_dict(),
+            "loader": self.loader_state(),
             "config": config_to_dict(self.cfg),
         }
+        if self.ledger is not None:
+            extra["ledger"] = self.ledger.sync()
         checkpoint = self.cfg.checkpoint
         self.pending = self.engine.save_checkpoint(
             self.run_dir, step, extra, checkpoint.keep, checkpoint.async_save, self.checkpoint_group, self.purger
         )
         return self.pending.path
+
+    def loader_state(self) -> dict[str, Any]:
+        """The loader's state for the checkpoint. A streaming loader's differs per data-parallel rank, so every
+        rank's is gathered and merged on the main rank (all ranks call this, as they call save)."""
+        state = self.loader.state_dict()
+        if state.get("mode") != "streaming":
+            return state
+        gathered = gather_to_main(state, self.ctx)
+        return merge_rank_states(gathered) if self.ctx.is_main else state
 
     def finish_save(self, only_if_done: bool = False) -> None:
         """Wait for a background save to complete (with `only_if_done`, only collect one that already has)."""
@@ -186,11 +204,23 @@ class Trainer:
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
         extra = require_fields(self.engine.load_checkpoint(path, checked), RESUME_FIELDS, f"{path}'s manifest extra")
-        self.loader.load_state_dict(extra["loader"])
+        note = self.loader.load_state_dict(extra["loader"])
+        if note and self.ctx.is_main:
+            print(f"note: {note}", file=sys.stderr)
         self.samples_seen = extra["samples_seen"]
+        self.resumed_ledger = extra.get("ledger")
         if self.ctx.is_main:
             print(f"resumed from {path} (step {extra['step']})", file=sys.stderr)
         return extra["step"]
+
+    def open_ledger(self, start_step: int) -> None:
+        """Continue the run's ledger after `start_step` (dropping records of later steps) and, on the main rank,
+        say in one line if it disagrees with the resumed checkpoint. Every rank calls it."""
+        if self.ledger is None:
+            return
+        note = self.ledger.open(start_step, self.resumed_ledger, loader_shard_urls(self.loader))
+        if note:
+            print(note, file=sys.stderr)
 
     def recording_timeline(self, step: int) -> bool:
         """Whether `step` is one of the pipeline steps log.pp_timeline_step and log.pp_timeline_steps ask for."""
@@ -260,13 +290,17 @@ class Trainer:
         show = self.cfg.log.progress and self.ctx.is_main
         steps = range(start_step + 1, cfg.steps + 1)
         bar = tqdm(steps, desc="train", disable=not show, dynamic_ncols=True, mininterval=1.0, total=len(steps))
+        self.open_ledger(start_step)
         for step in bar:
             torch.manual_seed(self.dropout_seed(step))
             timeline = self.recording_timeline(step)
             if timeline:
                 self.engine.timeline.recording = True
             with self.profiler.step(step):
-                stats = self.engine.train_step(split_microbatches(next(batches), cfg.grad_accum))
+                batch = next(batches)
+                stats = self.engine.train_step(split_microbatches(batch, cfg.grad_accum))
+            if self.ledger is not None:
+                self.ledger.record(step, batch["sample_id"].numpy())
             if timeline:
                 self.collect_timeline(step)
             if step == start_step + 1:
@@ -297,6 +331,8 @@ class Trainer:
         final = step_folder(self.run_dir, cfg.steps)
         if self.cfg.checkpoint.save_final and checkpoint != final:
             checkpoint = self.save(cfg.steps)
+        if self.ledger is not None and checkpoint != final:
+            self.ledger.sync()  # the steps since the last checkpoint into steps.jsonl
         self.finish_save()
         after = self.run_eval(step=cfg.steps)
         final_loss = stats.loss if stats is not None else float("nan")  # nan: resumed at the last step
@@ -310,6 +346,25 @@ def gather_to_main(value: Any, ctx: ParallelContext) -> list[Any]:
     gathered = [None] * ctx.env.world_size if ctx.is_main else None
     torch.distributed.gather_object(value, gathered, dst=0)
     return gathered or []
+
+
+def build_ledger(cfg: Config, ctx: ParallelContext, run_dir: Path) -> Ledger:
+    """This process's part of the run's sample ledger: one writer per data-parallel rank (tensor-parallel rank 0
+    of pipeline stage 0; its peers hold the same samples)."""
+    meshes = ctx.meshes
+    writes = meshes is None or (meshes.tp.get_local_rank() == 0 and meshes.pp.get_local_rank() == 0)
+    layout = Layout(1, ctx.dims.dp, microbatches_per_step(cfg), cfg.train.global_batch_size)
+    return Ledger(
+        run_dir / LEDGER_DIR, layout, ctx.dp_rank, writes, ctx.is_main, functools.partial(gather_to_main, ctx=ctx)
+    )
+
+
+def loader_shard_urls(loader) -> list[str]:
+    """The shard URLs of the loader's source in global order: the streaming loader's own, an indexed loader's
+    IndexedShards'; [] for the shapes source."""
+    if hasattr(loader, "shard_urls"):
+        return list(loader.shard_urls)
+    return list(getattr(loader.dataset.source, "shard_urls", []))
 
 
 def train(cfg: Config, ctx: ParallelContext | None = None) -> TrainResult:
@@ -336,6 +391,8 @@ def train(cfg: Config, ctx: ParallelContext | None = None) -> TrainResult:
     finally:
         if trainer is not None:
             trainer.purger.close()
+            if trainer.ledger is not None:
+                trainer.ledger.close()
         stop.uninstall()
         logger.close()
 

@@ -39,7 +39,7 @@ from bigmodel.data.shapes import COLOURS, REGIONS, SHAPES, shapes_vocabulary
 from bigmodel.data.shards import write_shards
 from bigmodel.data.tokenizer import BUILTIN_TOKENIZER_PATH, train_builtin_tokenizer
 
-BATCH_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "index"}
+BATCH_KEYS = {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "index", "sample_id"}
 
 
 def make_config(**data: object) -> Config:
@@ -154,7 +154,7 @@ def test_bad_tokenizer_files_give_one_line_errors(tmp_path) -> None:
     without_specials = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     without_specials.pre_tokenizer = pre_tokenizers.Whitespace()
     without_specials.save(str(tmp_path / "plain.json"))
-    with pytest.raises(ValueError, match=r"plain\.json.*\[PAD\].*train-tokenizer") as no_specials:
+    with pytest.raises(ValueError, match=r"plain\.json: .*no end-of-text \(EOS\) token") as no_specials:
         load_tokenizer(str(tmp_path / "plain.json"))
     (tmp_path / "garbage.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"garbage\.json") as garbage:
@@ -201,7 +201,7 @@ def test_mlm_masking_statistics() -> None:
     randomized = np.mean((chosen != original) & (chosen != tokenizer.mask_id))
     # A random replacement can draw the original token (1 in vocab_size - 5), which counts as kept.
     assert abs(kept - 0.1) < 0.025 and abs(randomized - 0.1) < 0.025
-    assert np.all((chosen == tokenizer.mask_id) | (chosen >= tokenizer.num_special))
+    assert np.all((chosen == tokenizer.mask_id) | ~np.isin(chosen, tokenizer.special_ids))
 
 
 def test_mlm_probability_zero_selects_nothing() -> None:
@@ -372,8 +372,13 @@ def test_shapes_shards_round_trip_equals_generation(tmp_path) -> None:
     for actual, expected in zip(
         take(build_train_loader(from_shards, 0, 1), 3), take(build_train_loader(make_config(), 0, 1), 3), strict=True
     ):
+        # The ids differ by design: (shard << 32) | member for shards (16 per shard here), the index for shapes.
+        shard_ids = actual.pop("sample_id")
+        assert torch.equal(shard_ids, ((actual["index"] // 16) << 32) | (actual["index"] % 16))
+        assert torch.equal(expected.pop("sample_id"), expected["index"])
         assert_batches_equal(actual, expected)
     for actual, expected in zip(build_eval_loader(from_shards, 8), build_eval_loader(make_config(), 8), strict=True):
+        actual.pop("sample_id"), expected.pop("sample_id")
         assert_batches_equal(actual, expected)
 
 
