@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "zero3": "(f) native ZeRO-3 vs DeepSpeed ZeRO-3 step time",
     "checkpoint": "(g) checkpoint save/load rates vs raw disk rates",
     "pipeline": "(i) pipeline idle fraction vs theory",
+    "data": "(j) data loader vs a plain decode loop (local, S3), worker scaling, indexed start-up",
 }
 
 
@@ -53,6 +54,10 @@ def _runner(name: str, quick: bool, precisions: tuple[str, ...]) -> Callable[[],
         from bigmodel.bench.pipeline import pipeline_bubble
 
         return lambda: [pipeline_bubble(quick)]
+    if name == "data":
+        from bigmodel.bench.data import data_throughput
+
+        return lambda: data_throughput(quick)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
 
 

@@ -28,7 +28,10 @@ _MASK_FRACTION, _RANDOM_FRACTION = 0.8, 0.1
 
 
 class PairSource(Protocol):
-    """A numbered collection of (image, caption) pairs: `ShapesSource` or `IndexedShards`."""
+    """A numbered collection of (image, caption) pairs: `ShapesSource` or `IndexedShards`.
+
+    A source may also have `prefetch(indices)`, called before a batch's `load` calls, to start reading them
+    (`IndexedShards` fetches remote samples concurrently)."""
 
     def __len__(self) -> int: ...
 
@@ -152,6 +155,9 @@ class ImageTextDataset:
         int64; index (B,) int64, the dataset index each row came from (after substitution); sample_id (B,) int64,
         that row's `PairSource.sample_id`.
         """
+        prefetch = getattr(self.source, "prefetch", None)
+        if prefetch is not None:
+            prefetch(indices)
         examples = [self.example(index, key) for index, key in zip(indices, keys, strict=True)]
         batch = {name: torch.from_numpy(np.stack([f[name] for f, _ in examples])) for name in examples[0][0]}
         return batch, sum(skipped for _, skipped in examples)

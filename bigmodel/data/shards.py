@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,6 +54,8 @@ _MAX_TABLES = 1024
 """Shard indexes a process keeps in memory (least recently used dropped first)."""
 _INDEX_READERS = 16
 """Shard indexes read at once at start-up when a source has no summary."""
+_PREFETCH_READERS = 16
+"""Remote samples of a batch fetched at once by `IndexedShards.prefetch` (ranged GETs are latency-bound)."""
 _CAPTION_KEY_PROBE = 16
 """With a JSON caption key, start-up checks that one of the first this many samples of the first shard has it."""
 _COALESCE_SLACK = 4096
@@ -165,6 +167,8 @@ class IndexedShards:
             raise ValueError(f"shard spec {spec}: the shards hold no samples")
         self._loaded: OrderedDict[int, ShardIndex] = OrderedDict()
         self._pid = os.getpid()
+        self._prefetched: dict[int, tuple[str, dict[str, bytes]]] = {}
+        self._remote = not all(is_local(url) for url in self.shard_urls)
         if caption_key != "txt":
             self._check_caption_key()
 
@@ -204,7 +208,7 @@ class IndexedShards:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_loaded"] = OrderedDict()
+        state["_loaded"], state["_prefetched"] = OrderedDict(), {}
         return state
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -247,24 +251,52 @@ class IndexedShards:
             )
         return table
 
-    def members(self, index: int, images: bool = True) -> tuple[str, dict[str, bytes]]:
-        """The key and members ({extension: bytes}) of sample `index`, fetched in one ranged read when they are
-        adjacent; `images=False` leaves out image members. Raises BadSample for a member cut off by a truncated
-        shard."""
+    def _spans(self, index: int, images: bool) -> tuple[str, str, dict[str, tuple[int, int]]]:
+        """The shard URL, key and member spans ({extension: (offset, size)}) of sample `index`; raises BadSample for
+        a member cut off by a truncated shard."""
         shard, member = self.locate(index)
         table = self._table(shard)
         key, url = table.keys[member], self.shard_urls[shard]
         spans = {ext: span for ext, span in table.members(member).items() if images or ext not in IMAGE_EXTENSIONS}
         if any(offset + size > table.info.size for offset, size in spans.values()):
             raise BadSample(f"{url}: sample {key} is cut off (truncated tar)")
+        return url, key, spans
+
+    def _fetch(self, url: str, spans: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+        """The members `spans` of the shard `url`, in one ranged read when they are adjacent."""
         if not spans:
-            return key, {}
+            return {}
         start = min(offset for offset, _ in spans.values())
         end = max(offset + size for offset, size in spans.values())
         if end - start <= sum(size for _, size in spans.values()) + _COALESCE_SLACK:
             block = read_range(url, start, end - start, self.options)
-            return key, {ext: block[offset - start : offset - start + size] for ext, (offset, size) in spans.items()}
-        return key, {ext: read_range(url, offset, size, self.options) for ext, (offset, size) in spans.items()}
+            return {ext: block[offset - start : offset - start + size] for ext, (offset, size) in spans.items()}
+        return {ext: read_range(url, offset, size, self.options) for ext, (offset, size) in spans.items()}
+
+    def members(self, index: int, images: bool = True) -> tuple[str, dict[str, bytes]]:
+        """The key and members ({extension: bytes}) of sample `index` (`images=False` leaves out image members);
+        raises BadSample for a member cut off by a truncated shard."""
+        if images and index in self._prefetched:
+            return self._prefetched.pop(index)
+        url, key, spans = self._spans(index, images)
+        return key, self._fetch(url, spans)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Fetch the members of `indices` from remote shards concurrently, for the `load` calls that follow (one
+        batch's worth: what an earlier call fetched and nobody read is dropped). Local shards are read on demand."""
+        self._prefetched = {}
+        if not self._remote:
+            return
+        wanted = {}
+        for index in indices:
+            try:
+                wanted[index] = self._spans(index, images=True)  # indexes load here, in this thread
+            except BadSample:
+                continue  # reported again by `load`
+        with ThreadPoolExecutor(max_workers=_PREFETCH_READERS) as pool:
+            fetched = pool.map(lambda item: self._fetch(item[0], item[2]), wanted.values())
+            for (index, (_, key, _)), members in zip(wanted.items(), fetched, strict=True):
+                self._prefetched[index] = (key, members)
 
     def _describe(self, index: int, error: BadSample) -> BadSample:
         """`error` again, with the shard's URL in front (its class kept, so counts by kind still work)."""

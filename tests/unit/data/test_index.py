@@ -74,6 +74,16 @@ def test_startup_reads_one_summary_per_source_and_no_tar(http_server, tmp_path):
     assert server.requests - before == 4
     shards.load(18)
     assert server.requests - before == 5
+    # A batch's samples are fetched together (concurrently) by prefetch; the loads that follow read nothing more.
+    batch = [19, 20, 25, 5]  # shard 1 (its index already read) and shard 0 (its index and a HEAD first)
+    shards.prefetch(batch)
+    assert server.requests - before == 5 + 2 + len(batch)
+    for index in batch:
+        image, caption = shards.load(index)
+        assert (image == render_shapes("train", index, 32, 2)[0]).all()
+    assert server.requests - before == 5 + 2 + len(batch), "the prefetched samples were used, not fetched again"
+    shards.load(19)
+    assert server.requests - before == 5 + 2 + len(batch) + 1, "a prefetched sample is read from the cache once"
 
 
 def test_indexed_shards_over_s3_equal_local_sample_for_sample(s3_server, tmp_path):
@@ -86,6 +96,8 @@ def test_indexed_shards_over_s3_equal_local_sample_for_sample(s3_server, tmp_pat
     remote = IndexedShards(f"{remote_a}::{remote_b}", options=FAST)
     assert len(remote) == len(local) == 60
     assert all_raw(remote) == all_raw(local)
+    remote.prefetch(range(60))
+    assert all_raw(remote) == all_raw(local), "prefetched (concurrent) reads return the same samples"
     assert remote.shard_urls[3] == f"s3://{bucket}/b/train-000000.tar"
     # Sample 45 is member 5 of the second source's first shard: global shard 3 (a's three shards come first).
     assert remote.sample_id(45) == local.sample_id(45) == (3 << 32) | 5
