@@ -17,7 +17,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,9 +63,7 @@ def _config(shards: str, mode: str, workers: int = 0) -> Config:
             f"data.mode={mode}",
             "data.transform=clip",
             f"data.num_workers={workers}",
-            # Streaming fills its shuffle buffer before the first batch: a once-per-run cost that a pass of a few
-            # batches would otherwise count in full; the figure is the steady-state rate.
-            f"data.shuffle_buffer={BATCH}",
+            f"data.shuffle_buffer={BATCH * 2}",
             f"train.global_batch_size={BATCH}",
             f"model.image_size={IMAGE_SIZE}",
             "model.patch_size=32",
@@ -95,10 +93,22 @@ def plain_loop(shards: str, cfg: Config, batches: int) -> None:
 
 
 def loader_pass(cfg: Config, batches: int) -> None:
-    """`batches` local batches of a fresh loader (start-up included, as a training run pays it once)."""
+    """`batches` local batches of a fresh loader (start-up included)."""
     loader = iter(build_train_loader(cfg))
     for _ in range(batches):
         next(loader)
+
+
+def steady_loader(cfg: Config, batches: int) -> Callable[[], None]:
+    """A function that takes the next `batches` local batches of one loader built here, in the training process
+    (num_workers 0: nothing runs between calls), so timing it gives the steady-state rate, start-up excluded."""
+    loader = iter(build_train_loader(cfg))
+
+    def take() -> None:
+        for _ in range(batches):
+            next(loader)
+
+    return take
 
 
 @contextmanager
@@ -163,15 +173,15 @@ def _throughput_figure(name: str, title: str, times: dict[str, list[float]], sam
 
 
 def loader_throughput(folder: Path, quick: bool) -> list[Figure]:
-    """Loader samples/s in the training process (num_workers 0, so one worker's work) over the plain loop, both
-    modes from local disk and from the S3 server."""
+    """Steady-state loader samples/s in the training process (num_workers 0, so one worker's work) over the plain
+    loop, both modes from local disk and from the S3 server (start-up is figure data_startup's)."""
     batches, repeats = (4, 1) if quick else (8, 5)
     pattern = write_shards(photo_jpegs(batches * BATCH), folder / "jpeg", "train", per_shard=BATCH * 2)
     figures = []
     local = {
         "plain": lambda: plain_loop(pattern, _config(pattern, "indexed"), batches),
-        "indexed": lambda: loader_pass(_config(pattern, "indexed"), batches),
-        "streaming": lambda: loader_pass(_config(pattern, "streaming"), batches),
+        "indexed": steady_loader(_config(pattern, "indexed"), batches),
+        "streaming": steady_loader(_config(pattern, "streaming"), batches),
     }
     times = interleaved(local, repeats)
     for mode in ("indexed", "streaming"):
@@ -189,8 +199,8 @@ def loader_throughput(folder: Path, quick: bool) -> list[Figure]:
         write_indexes(remote)
         s3 = {
             "plain": local["plain"],
-            "indexed": lambda: loader_pass(_config(remote, "indexed"), batches),
-            "streaming": lambda: loader_pass(_config(remote, "streaming"), batches),
+            "indexed": steady_loader(_config(remote, "indexed"), batches),
+            "streaming": steady_loader(_config(remote, "streaming"), batches),
         }
         times = interleaved(s3, repeats)
     for mode in ("indexed", "streaming"):

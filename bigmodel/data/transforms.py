@@ -141,7 +141,9 @@ class ClipTransform:
             )
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        pil = Image.fromarray(image).convert("L" if len(self.mean) == 1 else "RGB")
+        pil, mode = Image.fromarray(image), "L" if len(self.mean) == 1 else "RGB"
+        if pil.mode != mode:  # converting to the same mode would only copy the image
+            pil = pil.convert(mode)
         if self.train:
             top, left, h, w = random_resized_crop_box(pil.height, pil.width, self.scale, rng, self.ratio)
             # Crop, then resize: resizing inside a box of the whole image would also read pixels outside the crop.
