@@ -10,8 +10,18 @@ from torch.distributed.tensor import DTensor
 from bigmodel.config.layout import active_objectives
 from bigmodel.config.schema import LossWeights
 from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad, upcast
+from bigmodel.losses.siglip import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, siglip_loss
 
-__all__ = ["active_objectives", "contrastive_loss", "gather_with_grad", "masked_lm_loss", "total_loss"]
+__all__ = [
+    "SIGLIP_LOGIT_BIAS_INIT",
+    "SIGLIP_LOGIT_SCALE_INIT",
+    "active_objectives",
+    "contrastive_loss",
+    "gather_with_grad",
+    "masked_lm_loss",
+    "siglip_loss",
+    "total_loss",
+]
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
