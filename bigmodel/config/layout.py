@@ -15,9 +15,15 @@ SCHEDULES_WITH_VIRTUAL_STAGES = ("interleaved_1f1b", "zero_bubble")
 LayoutT = TypeVar("LayoutT", bound="ParallelLayout")
 
 
+OBJECTIVES = ("contrastive", "siglip", "itm", "mlm", "caption")
+"""Every pretraining objective, in the fixed order of the model's heads and the logged loss parts."""
+EMBEDDING_OBJECTIVES = ("contrastive", "siglip")
+"""The objectives scored on the towers' pooled embeddings (the rest read fused text)."""
+
+
 def active_objectives(weights: LossWeights) -> tuple[str, ...]:
     """The objectives with a positive weight, in a fixed order; the model builds heads for these only."""
-    return tuple(name for name in ("contrastive", "itm", "mlm") if getattr(weights, name) > 0)
+    return tuple(name for name in OBJECTIVES if getattr(weights, name) > 0)
 
 
 def stages_per_rank(cfg: Config) -> int:

@@ -73,6 +73,14 @@ class ModelConfig:
     """Initial log of the contrastive logit scale (ln(1/0.07), CLIP's value)."""
     logit_scale_max: float = Field(4.6052, gt=0.0)
     """The logit scale is clamped to exp(logit_scale_max) (100, CLIP's value)."""
+    siglip_logit_scale_init: float = 2.302585
+    """Initial log of the SigLIP logit scale (ln 10, the paper's value); used with train.loss_weights.siglip > 0."""
+    siglip_logit_bias_init: float = -10.0
+    """Initial SigLIP logit bias (the paper's -10: every pair starts near "no match", as almost all are negatives)."""
+    patch_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """FLIP's patch dropout: the fraction of image patches dropped before the image tower's blocks in training
+    (the class token is always kept; evaluation sees every patch). The kept patches are drawn from each sample's
+    id and the step, so every parallel layout drops the same ones. 0: off."""
     cpu_fused_kernels: bool = False
     """Run quick_gelu MLPs and attention projections through hand-fused autograd functions tuned for CPU training
     (bigmodel/models/fused.py; docs/benchmarks.md). They bypass the inner nn.Linear modules, so hooks on those do
@@ -205,6 +213,12 @@ class LossWeights:
     """Image-text matching loss (binary; each image also paired with another caption of its batch)."""
     mlm: float = Field(1.0, ge=0.0)
     """Masked language modelling loss on the fused text."""
+    siglip: float = Field(0.0, ge=0.0)
+    """SigLIP's sigmoid pairwise loss (learnable logit scale and bias); an alternative to contrastive, not an
+    addition (choose one of the two)."""
+    caption: float = Field(0.0, ge=0.0)
+    """CoCa's captioning loss: next-token prediction on the text decoded through causal text blocks that
+    cross-attend to the image tokens (needs model.text_causal=true and model.fusion=cross)."""
 
 
 @dataclass(config=SECTION_CONFIG)
@@ -242,6 +256,25 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     """Weights of the objectives in the total loss."""
+    siglip_exchange: Literal["gather", "ring"] = "gather"
+    """How SigLIP sees the other data-parallel ranks' texts: gather (all-gather with gradient; each rank holds
+    local x global logits) or ring (texts passed around the data-parallel ranks, one local x local block at a
+    time, as OpenCLIP's neighbour exchange). Same loss and gradients either way."""
+    accumulation: Literal["naive", "cached"] = "naive"
+    """How train.grad_accum microbatches make one step: naive (each microbatch's loss on its own, so contrastive
+    and SigLIP see only a microbatch's negatives) or cached (GradCache: embed every microbatch without a graph,
+    take the whole batch's contrastive/SigLIP loss and its gradient w.r.t. the embeddings, then re-run each
+    microbatch with its embedding gradient: exactly the loss and gradients of one large batch, with one
+    microbatch's activation memory, for about one more forward pass)."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT): no gradient, no optimizer state, no weight decay; its top
+    train.unlocked_blocks blocks and its post-norm stay trainable when unlocked_blocks > 0."""
+    lock_text: bool = False
+    """Freeze the text tower likewise (its top train.unlocked_blocks blocks and final norm stay trainable when
+    unlocked_blocks > 0)."""
+    unlocked_blocks: int = Field(0, ge=0)
+    """With train.lock_image or train.lock_text: how many of a locked tower's top blocks (and its final norm)
+    still train (0: the whole tower is frozen)."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in backward (less memory, about a third more compute)."""
     compile: bool = False

@@ -6,7 +6,7 @@ import importlib.util
 
 from bigmodel.config.deepspeed import deepspeed_config
 from bigmodel.config.errors import ConfigError
-from bigmodel.config.layout import ParallelLayout, dp_shard_for
+from bigmodel.config.layout import EMBEDDING_OBJECTIVES, ParallelLayout, active_objectives, dp_shard_for
 from bigmodel.config.schema import Config
 
 
@@ -15,6 +15,8 @@ def validate_config(cfg: Config) -> None:
     check_model(cfg)
     check_objectives(cfg)
     check_batch(cfg)
+    check_accumulation(cfg)
+    check_locked_towers(cfg)
     check_schedule(cfg)
     check_data(cfg)
     check_streaming(cfg)
@@ -63,8 +65,19 @@ def check_model(cfg: Config) -> None:
 
 def check_objectives(cfg: Config) -> None:
     w, m = cfg.train.loss_weights, cfg.model
-    if w.contrastive == 0 and w.itm == 0 and w.mlm == 0:
+    if not active_objectives(w):
         raise ConfigError("train.loss_weights are all 0, so nothing is trained; give at least one a positive weight")
+    if w.contrastive > 0 and w.siglip > 0:
+        raise ConfigError(
+            "train.loss_weights.contrastive and train.loss_weights.siglip are both > 0, but they are two forms of one "
+            "objective on the same embeddings; set one of them to 0"
+        )
+    if w.caption > 0 and (m.fusion != "cross" or not m.text_causal):
+        raise ConfigError(
+            f"train.loss_weights.caption > 0 decodes text through causal blocks that cross-attend to the image, but "
+            f"model.fusion={m.fusion} and model.text_causal={str(m.text_causal).lower()}; set model.fusion=cross and "
+            "model.text_causal=true"
+        )
     for name in ("itm", "mlm"):
         if getattr(w, name) > 0 and m.fusion == "none":
             raise ConfigError(
@@ -117,9 +130,10 @@ def check_batch(cfg: Config) -> None:
             f"a microbatch of {micro} samples (train.global_batch_size / train.grad_accum) cannot be split over "
             f"{dp} data-parallel ranks; make train.global_batch_size a multiple of {dp * accumulation}"
         )
-    if t.loss_weights.contrastive > 0 and micro < 2:
+    embedding = [name for name in EMBEDDING_OBJECTIVES if getattr(t.loss_weights, name) > 0]
+    if embedding and micro < 2:
         raise ConfigError(
-            "the contrastive loss needs at least 2 samples per microbatch; "
+            f"the {embedding[0]} loss needs at least 2 samples per microbatch; "
             "raise train.global_batch_size or lower train.grad_accum (parallel.microbatches with a pipeline)"
         )
     # Image-text matching pairs sample i with sample i^1 of the same microbatch as its negative, which keeps the
@@ -128,6 +142,61 @@ def check_batch(cfg: Config) -> None:
         raise ConfigError(
             f"image-text matching needs an even microbatch per data-parallel rank, got {micro // dp}; "
             f"make train.global_batch_size a multiple of {2 * dp * accumulation}"
+        )
+
+
+def check_accumulation(cfg: Config) -> None:
+    """train.accumulation=cached needs microbatches to accumulate, an embedding objective to cache, and no
+    pipeline (whose schedule runs the loss per microbatch)."""
+    t = cfg.train
+    if t.accumulation != "cached":
+        return
+    if t.grad_accum == 1:
+        raise ConfigError(
+            "train.accumulation=cached with train.grad_accum=1 is a no-op (one microbatch is already the whole batch); "
+            "raise train.grad_accum or set train.accumulation=naive"
+        )
+    if not any(getattr(t.loss_weights, name) > 0 for name in EMBEDDING_OBJECTIVES):
+        raise ConfigError(
+            "train.accumulation=cached caches the contrastive or siglip embeddings, but both weights are 0; "
+            "set train.accumulation=naive"
+        )
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            "train.accumulation=cached does not run with a pipeline (parallel.pp > 1): the schedule computes the loss "
+            "per microbatch; set parallel.pp=1 or train.accumulation=naive"
+        )
+
+
+def check_locked_towers(cfg: Config) -> None:
+    """Locked towers must leave something to train for every objective, and unlocked_blocks must fit the towers."""
+    t, m = cfg.train, cfg.model
+    if not (t.lock_image or t.lock_text):
+        if t.unlocked_blocks:
+            raise ConfigError(
+                f"train.unlocked_blocks={t.unlocked_blocks} counts the trainable top blocks of a locked tower, but no "
+                "tower is locked; set train.lock_image or train.lock_text, or train.unlocked_blocks=0"
+            )
+        return
+    for tower, locked, layers in (("image", t.lock_image, m.vision_layers), ("text", t.lock_text, m.text_layers)):
+        if locked and t.unlocked_blocks >= layers:
+            raise ConfigError(
+                f"train.unlocked_blocks={t.unlocked_blocks} leaves the whole {tower} tower ({layers} blocks) "
+                f"trainable, so train.lock_{tower}=true locks nothing; lower train.unlocked_blocks below {layers}"
+            )
+    w = t.loss_weights
+    if t.lock_text and w.mlm > 0 and t.unlocked_blocks == 0:
+        raise ConfigError(
+            "train.lock_text=true freezes the text tower that masked LM (train.loss_weights.mlm > 0) trains; "
+            "set train.loss_weights.mlm=0, train.lock_text=false or train.unlocked_blocks > 0"
+        )
+    fused = w.itm > 0 or w.mlm > 0 or w.caption > 0
+    if t.lock_image and t.lock_text and t.unlocked_blocks == 0 and not fused:
+        objective = "siglip" if w.siglip > 0 else "contrastive"
+        raise ConfigError(
+            f"train.lock_image and train.lock_text freeze both towers that the {objective} loss trains (only its "
+            "projections would learn); unlock one tower (LiT locks the image tower only) or set "
+            "train.unlocked_blocks > 0"
         )
 
 

@@ -118,7 +118,7 @@ class DeepSpeedEngine(Engine):
         for i, batch in enumerate(microbatches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             outputs = self.ds(batch)
-            loss, parts = total_loss(outputs, weights, self.ctx.dp_group)
+            loss, parts = total_loss(outputs, weights, self.ctx.dp_group, self.cfg.train.siglip_exchange)
             self.ds.backward(loss)
             if i == len(microbatches) - 1:
                 if capture_grads:

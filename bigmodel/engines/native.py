@@ -85,7 +85,7 @@ class NativeEngine(Engine):
             with loss_context(self.ctx.dims.tp > 1):
                 with self.autocast():
                     outputs = self.model(batch)
-                loss, parts = total_loss(outputs, weights, self.ctx.dp_group)
+                loss, parts = total_loss(outputs, weights, self.ctx.dp_group, self.cfg.train.siglip_exchange)
                 (loss / len(microbatches)).backward()
             for name, value in {"loss": loss.detach(), **parts}.items():
                 value = value.full_tensor() if isinstance(value, DTensor) else value

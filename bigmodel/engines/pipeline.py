@@ -19,6 +19,7 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.tensor import DTensor, Shard
 
+from bigmodel.config.layout import EMBEDDING_OBJECTIVES
 from bigmodel.config.schema import Config
 from bigmodel.engines.base import StepStats
 from bigmodel.engines.native import NativeEngine
@@ -151,7 +152,8 @@ class PipelineEngine(NativeEngine):
         parallel.microbatches records of a step are real (see reported_losses).
         """
         outputs = select_masked(dict(zip(self.last_module.output_keys(), output, strict=True)), target)
-        loss, parts = total_loss(outputs, self.cfg.train.loss_weights, self.ctx.dp_group)
+        train = self.cfg.train
+        loss, parts = total_loss(outputs, train.loss_weights, self.ctx.dp_group, train.siglip_exchange)
         self._parts.append({"loss": loss.detach(), **parts})
         self.timeline.extend_forward(self.last_module.plan.index)
         return loss
@@ -188,10 +190,7 @@ class PipelineEngine(NativeEngine):
 
     def reported_losses(self) -> dict[str, float]:
         """Means over microbatches and data-parallel ranks, from the last stage, known to every rank."""
-        names = [
-            "loss",
-            *[n for n in ("contrastive", "itm", "mlm") if n in active_objectives(self.cfg.train.loss_weights)],
-        ]
+        names = ["loss", *active_objectives(self.cfg.train.loss_weights)]
         values = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         if self.is_last:
             real = self._parts[-self.cfg.parallel.microbatches :]
@@ -225,7 +224,7 @@ class PipelineEngine(NativeEngine):
                 scale = head.logit_scale.detach()
                 scale = scale.full_tensor() if isinstance(scale, DTensor) else scale
                 value += scale.exp().double()
-        if "contrastive" not in active_objectives(self.cfg.train.loss_weights):
+        if not set(EMBEDDING_OBJECTIVES) & set(active_objectives(self.cfg.train.loss_weights)):
             return None
         dist.all_reduce(value, group=self.pp_group)
         return value.item()

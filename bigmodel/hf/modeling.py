@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from bigmodel.config.schema import ModelConfig
-from bigmodel.models.encoder import OBJECTIVES, MultimodalEncoder
+from bigmodel.models.encoder import DEFAULT_OBJECTIVES, MultimodalEncoder
 from bigmodel.models.init import init_weights
 
 MODEL_TYPE = "bigmodel_encoder"
@@ -23,7 +23,7 @@ class BigmodelConfig(PretrainedConfig):
     def __init__(self, model: dict[str, Any] | None = None, objectives: list[str] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.model = dict(model or {})
-        self.objectives = list(objectives or OBJECTIVES)
+        self.objectives = list(objectives or DEFAULT_OBJECTIVES)
 
     def model_config(self) -> ModelConfig:
         """The validated bigmodel ModelConfig (a one-line ConfigError names a bad field)."""

@@ -10,13 +10,12 @@ from torch.distributed.tensor import DTensor
 from bigmodel.config.layout import active_objectives
 from bigmodel.config.schema import LossWeights
 from bigmodel.losses.contrastive import contrastive_loss, gather_with_grad, upcast
-from bigmodel.losses.siglip import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, siglip_loss
+from bigmodel.losses.siglip import Exchange, siglip_loss
 
 __all__ = [
-    "SIGLIP_LOGIT_BIAS_INIT",
-    "SIGLIP_LOGIT_SCALE_INIT",
     "active_objectives",
     "contrastive_loss",
+    "embedding_losses",
     "gather_with_grad",
     "masked_lm_loss",
     "siglip_loss",
@@ -44,20 +43,35 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.Proce
     return loss * (counts * dist.get_world_size(group) / total).squeeze(0)
 
 
+def embedding_losses(
+    outputs: dict[str, torch.Tensor],
+    dp_group: dist.ProcessGroup | None = None,
+    siglip_exchange: Exchange = "gather",
+) -> dict[str, torch.Tensor]:
+    """The objective scored on pooled embeddings present in `outputs` (contrastive, or SigLIP when the head has a
+    logit bias), by name; undetached. Across `dp_group` as `total_loss` says."""
+    if "image_embeds" not in outputs:
+        return {}
+    images, texts, scale = outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"]
+    if "logit_bias" in outputs:  # the SigLIP head's
+        return {"siglip": siglip_loss(images, texts, scale, outputs["logit_bias"], dp_group, siglip_exchange)}
+    return {"contrastive": contrastive_loss(images, texts, scale, dp_group)}
+
+
 def total_loss(
-    outputs: dict[str, torch.Tensor], weights: LossWeights, dp_group: dist.ProcessGroup | None = None
+    outputs: dict[str, torch.Tensor],
+    weights: LossWeights,
+    dp_group: dist.ProcessGroup | None = None,
+    siglip_exchange: Exchange = "gather",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of the objectives present in `outputs` (from MultimodalEncoder.forward) and each part.
 
     With `dp_group`, each rank holds its slice of the microbatch and the values are such that their mean over the
     data-parallel ranks (and the mean of the gradients) equals the single-process loss on the whole microbatch.
-    Image-text matching needs no correction: every rank scores the same number of pairs. Parts come back detached.
+    Image-text matching needs no correction: every rank scores the same number of pairs. `siglip_exchange`: how
+    SigLIP sees the other ranks' texts (train.siglip_exchange). Parts come back detached.
     """
-    parts: dict[str, torch.Tensor] = {}
-    if "image_embeds" in outputs:
-        parts["contrastive"] = contrastive_loss(
-            outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], dp_group
-        )
+    parts = embedding_losses(outputs, dp_group, siglip_exchange)
     if "itm_logits" in outputs:
         parts["itm"] = F.cross_entropy(upcast(outputs["itm_logits"]), outputs["itm_labels"])
     if "mlm_logits" in outputs:

@@ -14,7 +14,6 @@ backward so that no more than one is held at a time.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, get_args
 
 import torch
@@ -23,11 +22,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bigmodel.losses.contrastive import gather_with_grad, upcast
-
-SIGLIP_LOGIT_SCALE_INIT = math.log(10)
-"""The paper's initial log scale: the logits start as 10 * cosine + bias."""
-SIGLIP_LOGIT_BIAS_INIT = -10.0
-"""The paper's initial bias: it starts every pair near "no match", as almost all pairs are negatives."""
 
 Exchange = Literal["gather", "ring"]
 EXCHANGES = get_args(Exchange)
@@ -89,16 +83,16 @@ def siglip_loss(
     """The sigmoid loss of this rank's images against the texts of every rank of `group`, summed over pairs and
     divided by the number of local images.
 
-    image_embeds, text_embeds: (b, E), unit-norm; row i of each is a matching pair. logit_scale is the *log* of the
-    scale (the learnable parameter itself; exponentiated here, unlike contrastive_loss and OpenCLIP's SigLipLoss,
-    which take the scale) and logit_bias the bias: each a scalar, (1,) or per row (b, 1). With `group` (the
+    image_embeds, text_embeds: (b, E), unit-norm; row i of each is a matching pair. logit_scale is the scale itself
+    (exp of the learnable log scale, as contrastive_loss and OpenCLIP's SigLipLoss take it) and logit_bias the bias:
+    each a scalar, (1,) or per row (b, 1). With `group` (the
     data-parallel ranks, equal b each, rows in rank order) the mean over ranks of the returned values is the loss
     of the whole batch, and so are the averaged gradients. `exchange` picks how the texts travel (module docstring).
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"siglip exchange must be one of {EXCHANGES}, got {exchange!r}")
     images, texts = upcast(image_embeds), upcast(text_embeds)
-    scale, bias = upcast(logit_scale).exp(), upcast(logit_bias)
+    scale, bias = upcast(logit_scale), upcast(logit_bias)
     b = images.shape[0]
     if group is None or dist.get_world_size(group) == 1:
         return _pair_loss(images, texts, scale, bias, positives_at=0) / b

@@ -12,11 +12,13 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
+from bigmodel.config.layout import EMBEDDING_OBJECTIVES, OBJECTIVES
 from bigmodel.config.schema import ModelConfig
 from bigmodel.models.fused import FusedBlock
 from bigmodel.models.layers import ACTIVATIONS, Block, BlockStack, block_stack
 
-OBJECTIVES = ("contrastive", "itm", "mlm")
+DEFAULT_OBJECTIVES = ("contrastive", "itm", "mlm")
+"""The objectives of the default config (train.loss_weights)."""
 
 
 def blocks(cfg: ModelConfig, width: int, heads: int, mlp_dim: int, layers: int, cross: bool = False) -> BlockStack:
@@ -131,15 +133,21 @@ class Fusion(nn.Module):
 
 
 class ContrastiveHead(nn.Module):
-    """Projections into the shared embedding space and the learnable logit scale (inverse temperature)."""
+    """Projections into the shared embedding space and the learnable logit scale (inverse temperature); for SigLIP
+    (`sigmoid`) also the learnable logit bias, and both start at SigLIP's values."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sigmoid: bool = False):
         super().__init__()
         self.visual_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         # Shape (1,), not a scalar: FSDP2 shards parameters along dim 0. CLIPModel stores it as a scalar.
         self.logit_scale = nn.Parameter(torch.empty(1))
         self.logit_scale_max = cfg.logit_scale_max
+        self.initial_logit_scale = cfg.siglip_logit_scale_init if sigmoid else cfg.logit_scale_init
+        """What bigmodel.models.init fills logit_scale with."""
+        if sigmoid:
+            self.logit_bias = nn.Parameter(torch.empty(1))
+            self.initial_logit_bias = cfg.siglip_logit_bias_init
 
     def forward(self, image_pooled: torch.Tensor, text_pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         image = nn.functional.normalize(self.visual_projection(image_pooled), dim=-1)  # (B, E)
@@ -148,8 +156,11 @@ class ContrastiveHead(nn.Module):
         # One copy of the scale per row, reached through the batch (a zero-weighted term): zero-bubble pipeline
         # schedules compute weight gradients only along paths that touch the stage's inputs (torch 2.13), and a
         # parameter used on its own would silently get none.
-        per_row = image[:, :1].mul(0) + scale  # (B, 1)
-        return {"image_embeds": image, "text_embeds": text, "logit_scale": per_row}
+        zero = image[:, :1].mul(0)  # (B, 1)
+        out = {"image_embeds": image, "text_embeds": text, "logit_scale": zero + scale}
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = zero + self.logit_bias
+        return out
 
 
 class MaskedLMHead(nn.Module):
@@ -181,11 +192,13 @@ def itm_partner(batch_size: int, device: torch.device) -> torch.Tensor:
 class MultimodalEncoder(nn.Module):
     """Image tower + text tower (+ fusion) with the heads of the chosen objectives.
 
-    Heads are built only for `objectives` (a subset of contrastive, itm, mlm): an objective with weight 0 costs no
-    parameters and no compute. Build on the meta device and call `bigmodel.models.init_weights` to materialise.
+    Heads are built only for `objectives` (a subset of OBJECTIVES): an objective with weight 0 costs no
+    parameters and no compute. Contrastive and SigLIP share one head (projections and logit scale; SigLIP adds
+    its bias), so at most one of them is active. Build on the meta device and call `bigmodel.models.init_weights`
+    to materialise.
     """
 
-    def __init__(self, cfg: ModelConfig, objectives: Collection[str] = OBJECTIVES):
+    def __init__(self, cfg: ModelConfig, objectives: Collection[str] = DEFAULT_OBJECTIVES):
         super().__init__()
         unknown = set(objectives) - set(OBJECTIVES)
         if unknown:
@@ -197,8 +210,8 @@ class MultimodalEncoder(nn.Module):
         # Only ITM and MLM read fused text; without them a fusion stack would hold parameters that never get gradients.
         if cfg.fusion != "none" and {"itm", "mlm"} & set(self.objectives):
             self.fusion = Fusion(cfg)
-        if "contrastive" in self.objectives:
-            self.contrastive = ContrastiveHead(cfg)
+        if self.embeds:
+            self.contrastive = ContrastiveHead(cfg, sigmoid="siglip" in self.objectives)
         if "itm" in self.objectives:
             self.itm_head = nn.Linear(cfg.text_width, 2)
         if "mlm" in self.objectives:
@@ -234,8 +247,13 @@ class MultimodalEncoder(nn.Module):
     # and every fused row (ITM true pairs, ITM negatives, MLM) goes through the fusion blocks together.
 
     @property
+    def embeds(self) -> bool:
+        """Whether an objective scores pooled embeddings (contrastive or SigLIP)."""
+        return bool(set(EMBEDDING_OBJECTIVES) & set(self.objectives))
+
+    @property
     def encodes_plain_text(self) -> bool:
-        return "contrastive" in self.objectives or "itm" in self.objectives
+        return self.embeds or "itm" in self.objectives
 
     @property
     def fuses(self) -> bool:
@@ -281,7 +299,7 @@ class MultimodalEncoder(nn.Module):
         mask = state["mask"]
         b = mask.shape[0]
         out = {k: state[k] for k in ("mask", "same", "selected") if k in state}
-        if "contrastive" in self.objectives:
+        if self.embeds:
             out.update(self.contrastive(image[:, 0], self.pool_text(text[:b], mask)))
         if self.fuses:
             rows, row_masks = [], []
@@ -301,7 +319,7 @@ class MultimodalEncoder(nn.Module):
 
     def heads(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The objectives' outputs (see forward) from the joined or fused state."""
-        out = {k: state[k] for k in ("image_embeds", "text_embeds", "logit_scale") if k in state}
+        out = {k: state[k] for k in ("image_embeds", "text_embeds", "logit_scale", "logit_bias") if k in state}
         if not self.fuses:
             return out
         b, length = state["mask"].shape
@@ -322,7 +340,7 @@ class MultimodalEncoder(nn.Module):
         """Run the towers, fusion and heads on a batch (keys as produced by `bigmodel.data`).
 
         Returns, per objective: contrastive -> image_embeds, text_embeds (B, E) unit-norm and logit_scale (B, 1)
-        (one value, repeated per row);
+        (one value, repeated per row); siglip -> the same and logit_bias (B, 1);
         itm -> itm_logits (2B, 2) and itm_labels (2B,) for the B true pairs then the B pairs with a neighbour's
         caption; mlm -> mlm_logits (M, V) and mlm_labels (M,) for the M masked positions.
         """

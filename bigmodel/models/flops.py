@@ -11,7 +11,7 @@ from collections.abc import Collection
 import torch
 
 from bigmodel.config.schema import ModelConfig
-from bigmodel.models.encoder import OBJECTIVES, MultimodalEncoder
+from bigmodel.models.encoder import DEFAULT_OBJECTIVES, OBJECTIVES, MultimodalEncoder
 
 PARTS = ("vision", "text", "fusion", "heads")
 
@@ -19,7 +19,7 @@ PARTS = ("vision", "text", "fusion", "heads")
 DEFAULT_MLM_PROBABILITY = 0.15
 
 
-def count_parameters(cfg: ModelConfig, objectives: Collection[str] = OBJECTIVES) -> dict[str, int]:
+def count_parameters(cfg: ModelConfig, objectives: Collection[str] = DEFAULT_OBJECTIVES) -> dict[str, int]:
     """Parameters per part (vision, text, fusion, heads) and their total, for MultimodalEncoder(cfg, objectives).
 
     The model is built on the meta device, so no memory is allocated whatever the size of the config.
@@ -77,7 +77,7 @@ def _fusion_forward(cfg: ModelConfig, text_tokens: int, rows: int) -> int:
 
 def flops_per_sample(
     cfg: ModelConfig,
-    objectives: Collection[str] = OBJECTIVES,
+    objectives: Collection[str] = DEFAULT_OBJECTIVES,
     text_tokens: int | None = None,
     masked_tokens: float | None = None,
 ) -> dict[str, float]:
@@ -102,11 +102,11 @@ def flops_per_sample(
     if not 1 <= tokens <= cfg.context_length:
         raise ValueError(f"text_tokens={tokens} must be between 1 and model.context_length={cfg.context_length}")
     masked = DEFAULT_MLM_PROBABILITY * tokens if masked_tokens is None else masked_tokens
-    text_runs = int("contrastive" in objectives or "itm" in objectives) + int("mlm" in objectives)
+    text_runs = int(bool({"contrastive", "siglip", "itm"} & set(objectives))) + int("mlm" in objectives)
     fusion_runs = 2 * int("itm" in objectives) + int("mlm" in objectives)
     width = cfg.text_width
     heads: float = 0
-    if "contrastive" in objectives:
+    if {"contrastive", "siglip"} & set(objectives):
         heads += _linear(1, cfg.vision_width, cfg.embed_dim) + _linear(1, width, cfg.embed_dim)
     if "itm" in objectives:
         heads += 2 * _linear(1, width, 2)
@@ -140,7 +140,7 @@ def flops_per_block(cfg: ModelConfig, objectives: Collection[str], stack: str, t
     if stack == "vision":
         return _block(image_tokens, cfg.vision_width, cfg.vision_mlp_dim)
     if stack == "text":
-        copies = int("contrastive" in objectives or "itm" in objectives) + int("mlm" in objectives)
+        copies = int(bool({"contrastive", "siglip", "itm"} & set(objectives))) + int("mlm" in objectives)
         return copies * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
     rows = 2 * int("itm" in objectives) + int("mlm" in objectives)
     if cfg.fusion == "merged":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bigmodel.config.schema import ModelConfig
-from bigmodel.models.encoder import OBJECTIVES, MultimodalEncoder
+from bigmodel.models.encoder import DEFAULT_OBJECTIVES, MultimodalEncoder
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:
@@ -38,8 +38,8 @@ def initial_value(
         return torch.ones(shape) if param_name == "weight" else torch.zeros(shape)
     if param_name == "bias":
         return torch.zeros(shape)
-    if param_name == "logit_scale":
-        return torch.full(shape, cfg.logit_scale_init)
+    if param_name in ("logit_scale", "logit_bias"):
+        return torch.full(shape, getattr(module, f"initial_{param_name}"))
     std = cfg.init_std
     if isinstance(module, nn.Linear | nn.Conv2d) and param_name == "weight":
         # Residual output projections are scaled down with depth (GPT-2) so the residual stream's variance does not
@@ -73,7 +73,7 @@ def init_weights(model: MultimodalEncoder, seed: int, device: torch.device | str
     return model
 
 
-def build_model(cfg: ModelConfig, objectives: Collection[str] = OBJECTIVES, seed: int = 0, device="cpu"):
+def build_model(cfg: ModelConfig, objectives: Collection[str] = DEFAULT_OBJECTIVES, seed: int = 0, device="cpu"):
     """A MultimodalEncoder built on the meta device, then materialised on `device` and initialised from `seed`."""
     with torch.device("meta"):
         model = MultimodalEncoder(cfg, objectives)

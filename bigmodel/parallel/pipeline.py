@@ -36,6 +36,7 @@ JOINED_KEYS = (
     "image_embeds",
     "text_embeds",
     "logit_scale",
+    "logit_bias",
     "fused",
     "fused_mask",
     "context",
@@ -44,7 +45,7 @@ JOINED_KEYS = (
     "selected",
 )
 """The state between stages after the join."""
-OUTPUT_KEYS = ("image_embeds", "text_embeds", "logit_scale", "itm_logits", "itm_labels", "mlm_logits")
+OUTPUT_KEYS = ("image_embeds", "text_embeds", "logit_scale", "logit_bias", "itm_logits", "itm_labels", "mlm_logits")
 """What the last stage returns to the loss."""
 
 
@@ -177,8 +178,8 @@ class PipelineStageModel(MultimodalEncoder):
         has = {
             "image": True, "text": True, "mask": True,
             "same": "itm" in self.objectives, "selected": "mlm" in self.objectives,
-            "image_embeds": "contrastive" in self.objectives, "text_embeds": "contrastive" in self.objectives,
-            "logit_scale": "contrastive" in self.objectives,
+            "image_embeds": self.embeds, "text_embeds": self.embeds, "logit_scale": self.embeds,
+            "logit_bias": "siglip" in self.objectives,
             "fused": self.fuses, "fused_mask": self.fuses, "context": self.fuses and self.cfg.fusion == "cross",
             "itm_logits": "itm" in self.objectives, "itm_labels": "itm" in self.objectives,
             "mlm_logits": "mlm" in self.objectives,

@@ -290,7 +290,7 @@ class Shapes:
     def of(cls, cfg: Config, objectives: Collection[str]) -> Shapes:
         m = cfg.model
         image = (m.image_size // m.patch_size) ** 2 + 1
-        copies = int("contrastive" in objectives or "itm" in objectives) + int("mlm" in objectives)
+        copies = int(bool({"contrastive", "siglip", "itm"} & set(objectives))) + int("mlm" in objectives)
         rows = 2 * int("itm" in objectives) + int("mlm" in objectives)
         cross = m.fusion == "cross"
         masked = cfg.data.mlm_probability * m.context_length if "mlm" in objectives else 0.0

@@ -114,7 +114,7 @@ def test_count_parameters_matches_model(fusion: str, objectives: tuple[str, ...]
 
 @pytest.mark.parametrize(
     ("objectives", "message"),
-    [(("itm",), r"objectives \['itm'\] need fused text"), (("caption",), "must be a non-empty subset")],
+    [(("itm",), r"objectives \['itm'\] need fused text"), (("retrieval",), "must be a non-empty subset")],
 )
 def test_impossible_objectives_are_refused(objectives: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):

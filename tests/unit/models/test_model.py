@@ -13,7 +13,7 @@ import torch
 import bigmodel.models
 from bigmodel.config.schema import LossWeights, ModelConfig
 from bigmodel.losses import active_objectives, total_loss
-from bigmodel.models import OBJECTIVES, MultimodalEncoder, build_model, init_weights
+from bigmodel.models import DEFAULT_OBJECTIVES, MultimodalEncoder, build_model, init_weights
 from bigmodel.parallel.parallelize import apply_compile
 
 MASK_ID, PAD_ID = 1, 0
@@ -21,7 +21,13 @@ LENGTHS = (12, 7, 10, 5)  # real tokens per caption; the context is 12, so all b
 CONTEXT = 12
 
 # (fusion, objectives): every fusion kind, with the objectives it supports.
-LAYOUTS = [("none", ("contrastive",)), ("merged", OBJECTIVES), ("cross", OBJECTIVES), ("cross", ("contrastive",))]
+LAYOUTS = [
+    ("none", ("contrastive",)),
+    ("merged", DEFAULT_OBJECTIVES),
+    ("cross", DEFAULT_OBJECTIVES),
+    ("cross", ("contrastive",)),
+    ("none", ("siglip",)),
+]
 
 
 def tiny_config(fusion: str = "cross", **changes) -> ModelConfig:
@@ -69,7 +75,7 @@ def loss_and_grads(model: MultimodalEncoder, batch: dict[str, torch.Tensor]) -> 
 @pytest.mark.parametrize(("fusion", "objectives"), LAYOUTS)
 def test_every_parameter_gets_a_gradient(fusion: str, objectives: tuple[str, ...]) -> None:
     model = build_model(tiny_config(fusion), objectives)
-    loss, parts = total_loss(model(make_batch(model.cfg)), LossWeights())
+    loss, parts = total_loss(model(make_batch(model.cfg)), LossWeights(**dict.fromkeys(objectives, 1.0)))
     assert sorted(parts) == sorted(objectives)
     assert all(torch.isfinite(value) for value in parts.values()), parts
     loss.backward()
@@ -79,7 +85,7 @@ def test_every_parameter_gets_a_gradient(fusion: str, objectives: tuple[str, ...
         assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("dropped", OBJECTIVES)
+@pytest.mark.parametrize("dropped", DEFAULT_OBJECTIVES)
 def test_head_with_weight_zero_is_not_built(dropped: str) -> None:
     objectives = active_objectives(LossWeights(**{dropped: 0.0}))
     assert dropped not in objectives
@@ -100,12 +106,12 @@ def test_fusion_is_not_built_without_fused_objectives() -> None:
 
 def test_init_depends_only_on_seed_and_name() -> None:
     cfg = tiny_config()
-    full = dict(build_model(cfg, OBJECTIVES, seed=0).named_parameters())
+    full = dict(build_model(cfg, DEFAULT_OBJECTIVES, seed=0).named_parameters())
     fewer = dict(build_model(cfg, ("mlm",), seed=0).named_parameters())
     assert set(fewer) < set(full)
     for name, param in fewer.items():
         assert torch.equal(param, full[name]), f"{name} depends on which other parameters exist"
-    other_seed = dict(build_model(cfg, OBJECTIVES, seed=1).named_parameters())
+    other_seed = dict(build_model(cfg, DEFAULT_OBJECTIVES, seed=1).named_parameters())
     random = [name for name, param in full.items() if param.unique().numel() > 1]  # not the constant ones
     assert {"vision.patch_embedding.weight", "text.token_embedding.weight", "mlm_head.decoder.weight"} <= set(random)
     for name in random:
@@ -172,7 +178,7 @@ def test_bidirectional_text_sees_later_tokens() -> None:
 @pytest.mark.parametrize(("fusion", "causal"), [("none", True), ("merged", False), ("cross", False)])
 @torch.no_grad()
 def test_padding_does_not_change_outputs(fusion: str, causal: bool) -> None:
-    objectives = ("contrastive",) if fusion == "none" else OBJECTIVES
+    objectives = ("contrastive",) if fusion == "none" else DEFAULT_OBJECTIVES
     model = build_model(tiny_config(fusion, text_causal=causal, context_length=CONTEXT + 4), objectives).eval()
     batch = make_batch(model.cfg)
     # Other ids at the padded positions, and 4 more padding positions at the end.
@@ -236,7 +242,7 @@ def flat_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_compiled_blocks_match_eager_in_fp32_and_bf16() -> None:
     """`train.compile` (every block compiled by inductor, as the trainer does) against the eager model: fp32 loss
     and gradients, and bf16 autocast as close to the fp32 reference as eager bf16 is."""
-    eager = build_model(tiny_config("cross"), OBJECTIVES)
+    eager = build_model(tiny_config("cross"), DEFAULT_OBJECTIVES)
     compiled = copy.deepcopy(eager)
     apply_compile(compiled, whole_model=False, backend="inductor")
     batch = make_batch(eager.cfg)
