@@ -75,10 +75,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_workers(nproc: int, module: str, args: list[str], timeout: float = 900) -> None:
-    """Start `python -m module args` under torchrun with `nproc` processes on this machine (gloo, one thread each);
-    raise RuntimeError with the end of the output if the job fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+def run_workers(
+    nproc: int, module: str, args: list[str], timeout: float = 900, env: dict[str, str] | None = None
+) -> None:
+    """Start `python -m module args` under torchrun with `nproc` processes on this machine (gloo, one thread each),
+    with `env` added to the environment; raise RuntimeError with the end of the output if the job fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module]
     result = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:

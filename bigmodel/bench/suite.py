@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "checkpoint": "(g) checkpoint save/load rates vs raw disk rates",
     "pipeline": "(i) pipeline idle fraction vs theory",
     "data": "(j) data loader vs a plain decode loop (local, S3), worker scaling, indexed start-up",
+    "siglip": "(k) SigLIP loss memory per rank, ring vs gather exchange",
 }
 
 
@@ -58,6 +59,10 @@ def _runner(name: str, quick: bool, precisions: tuple[str, ...]) -> Callable[[],
         from bigmodel.bench.data import data_throughput
 
         return lambda: data_throughput(quick)
+    if name == "siglip":
+        from bigmodel.bench.siglip import siglip_memory
+
+        return lambda: siglip_memory(quick)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
 
 

@@ -150,6 +150,7 @@ def tensor_parallel_dims(model: nn.Module, sequence_parallel: bool) -> dict[str,
             styles |= {f"{name}.{sub}": style for sub, style in block_plan(module, sequence_parallel).items()}
     styles["text.token_embedding"] = RowwiseParallel()  # apply_vocab_parallel_embedding
     styles["mlm_head.decoder"] = ColwiseParallel()  # apply_vocab_parallel_decoder
+    styles["caption_head.decoder"] = ColwiseParallel()
     dims: dict[str, int | None] = {}
     for name, _ in model.named_parameters():
         module_name, _, kind = name.rpartition(".")

@@ -6,12 +6,12 @@ import argparse
 import os
 import sys
 
-from bigmodel.cli import bench, ckpt, data, eval, finetune, info, launch, plan, slurm, train, verify
+from bigmodel.cli import bench, caption, ckpt, data, eval, finetune, info, launch, plan, slurm, train, verify
 from bigmodel.cli.common import split_overrides
 from bigmodel.config import ConfigError
 from bigmodel.parallel.env import read_dist_env
 
-COMMANDS = (train, eval, finetune, data, launch, slurm, verify, ckpt, plan, bench, info)
+COMMANDS = (train, eval, caption, finetune, data, launch, slurm, verify, ckpt, plan, bench, info)
 
 # Errors caused by what the user gave us (config, paths, data): reported as one line, not a traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)

@@ -33,7 +33,8 @@ def stages_per_rank(cfg: Config) -> int:
 
 def block_list(cfg: ModelConfig, objectives: Collection[str]) -> list[tuple[str, int]]:
     """Every Transformer block of the model in forward order, as (stack, index)."""
-    fusion_layers = cfg.fusion_layers if cfg.fusion != "none" and {"itm", "mlm"} & set(objectives) else 0
+    fused = cfg.fusion != "none" and {"itm", "mlm", "caption"} & set(objectives)
+    fusion_layers = cfg.fusion_layers if fused else 0
     counts = {"vision": cfg.vision_layers, "text": cfg.text_layers, "fusion": fusion_layers}
     return [(stack, i) for stack in TOWERS for i in range(counts[stack])]
 
@@ -140,6 +141,13 @@ class ParallelLayout:
         if self.pp > 1:
             check_schedule(cfg)
             check_stage_split(cfg, len(block_list(cfg.model, active_objectives(cfg.train.loss_weights))))
+        t = cfg.train
+        if t.loss_weights.siglip > 0 and t.siglip_exchange == "ring" and self.dp == 1:
+            raise ConfigError(
+                "train.siglip_exchange=ring passes texts around the data-parallel ranks, but this layout has one "
+                "(parallel.dp_replicate x dp_shard = 1); set train.siglip_exchange=gather (on one rank both are the "
+                "local loss) or start more data-parallel ranks"
+            )
         if self.zero_stage > 0 and self.dp == 1:
             raise ConfigError(
                 f"parallel.zero_stage={self.zero_stage} shards over data-parallel ranks, but there is only one; "

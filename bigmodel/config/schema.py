@@ -79,8 +79,9 @@ class ModelConfig:
     """Initial SigLIP logit bias (the paper's -10: every pair starts near "no match", as almost all are negatives)."""
     patch_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """FLIP's patch dropout: the fraction of image patches dropped before the image tower's blocks in training
-    (the class token is always kept; evaluation sees every patch). The kept patches are drawn from each sample's
-    id and the step, so every parallel layout drops the same ones. 0: off."""
+    (the class token is always kept; evaluation sees every patch). Each sample keeps max(1, int(N (1 - p))) of
+    its N patches, drawn from its seeded generator (the one its augmentation uses), so every parallel layout and
+    worker count drops the same ones. 0: off."""
     cpu_fused_kernels: bool = False
     """Run quick_gelu MLPs and attention projections through hand-fused autograd functions tuned for CPU training
     (bigmodel/models/fused.py; docs/benchmarks.md). They bypass the inner nn.Linear modules, so hooks on those do

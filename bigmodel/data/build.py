@@ -64,7 +64,8 @@ def _eval_source(cfg: Config) -> PairSource | None:
 
 def build_train_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> GlobalBatchLoader | StreamingLoader:
     """This data-parallel rank's loader of training batches (global batch train.global_batch_size, seed
-    train.seed, augmentation per data.augment), in the read mode of data.mode (see `read_mode`).
+    train.seed, augmentation per data.augment, patch_keep per model.patch_dropout), in the read mode of data.mode
+    (see `read_mode`).
 
     Indexed: each local batch holds this rank's share of each of the train.grad_accum microbatches in turn (see
     GlobalBatchLoader); streaming: see StreamingLoader. Raises ValueError (naming the field to fix) if the
@@ -72,10 +73,11 @@ def build_train_loader(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Globa
     over dp_size ranks or a streaming-only setting meets the indexed mode.
     """
     if read_mode(cfg.data, cfg.data.train_shards) == "streaming":
-        dataset = ImageTextDataset(None, _checked_tokenizer(cfg), cfg, augment=cfg.data.augment)
+        dataset = ImageTextDataset(None, _checked_tokenizer(cfg), cfg, augment=cfg.data.augment, drop_patches=True)
         return StreamingLoader(dataset, StreamShards.from_spec(cfg.data.train_shards), cfg, dp_rank, dp_size)
     _refuse_streaming_settings(cfg.data)
-    dataset = ImageTextDataset(_train_source(cfg), _checked_tokenizer(cfg), cfg, augment=cfg.data.augment)
+    source = _train_source(cfg)
+    dataset = ImageTextDataset(source, _checked_tokenizer(cfg), cfg, augment=cfg.data.augment, drop_patches=True)
     return GlobalBatchLoader(
         dataset,
         cfg.train.global_batch_size,

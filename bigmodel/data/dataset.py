@@ -1,8 +1,8 @@
 """Turning (image, caption) pairs into training tensors, deterministically.
 
-Everything random about a sample (augmentation, MLM masking) is drawn from a generator seeded by a key the caller
-passes, never from global RNG state, so a sample's tensors depend on its key and dataset index only: not on the
-rank, worker or process that builds it.
+Everything random about a sample (augmentation, MLM masking, the patches that patch dropout keeps) is drawn from a
+generator seeded by a key the caller passes, never from global RNG state, so a sample's tensors depend on its key and
+dataset index only: not on the rank, worker or process that builds it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from bigmodel.config.schema import Config
 from bigmodel.data.shards import BadSample
 from bigmodel.data.tokenizer import CaptionTokenizer
 from bigmodel.data.transforms import build_transform
+from bigmodel.models.encoder import kept_patches
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,19 @@ class ImageTextDataset:
 
     Images go through cfg.data.transform (bigmodel.data.transforms); `augment` selects its training form (shapes:
     caption-preserving jitter; clip: random resized crop). Builders pass cfg.data.augment for training and False
-    for evaluation. `source` is None for readers that fetch samples themselves and call `features`.
+    for evaluation. With `drop_patches` (training loaders) and model.patch_dropout > 0, each sample also gets
+    `patch_keep`, the patches the image tower keeps (see `batch`). `source` is None for readers that fetch samples
+    themselves and call `features`.
     """
 
-    def __init__(self, source: PairSource | None, tokenizer: CaptionTokenizer, cfg: Config, augment: bool) -> None:
+    def __init__(
+        self,
+        source: PairSource | None,
+        tokenizer: CaptionTokenizer,
+        cfg: Config,
+        augment: bool,
+        drop_patches: bool = False,
+    ) -> None:
         if cfg.model.channels not in (1, 3):
             raise ValueError(f"model.channels must be 1 (grey) or 3 (RGB) for image data, got {cfg.model.channels}")
         self.source = source
@@ -95,6 +105,9 @@ class ImageTextDataset:
         self.transform = build_transform(cfg, train=augment)
         self.context_length = cfg.model.context_length
         self.mlm_probability = cfg.data.mlm_probability
+        self.num_patches = (cfg.model.image_size // cfg.model.patch_size) ** 2
+        self.kept_patches = kept_patches(cfg.model) if drop_patches and cfg.model.patch_dropout > 0 else None
+        """Patches each sample keeps (None: no patch dropout, every patch is seen)."""
 
     def __len__(self) -> int:
         return len(self.source)
@@ -140,20 +153,26 @@ class ImageTextDataset:
         ids, attention_mask = self.tokenizer.encode(caption, self.context_length)
         ids = np.asarray(ids, dtype=np.int64)
         mlm_ids, mlm_labels = mask_tokens(ids, self.tokenizer, self.mlm_probability, rng)
-        return {
+        features = {
             "pixel_values": pixels,
             "input_ids": ids,
             "attention_mask": np.asarray(attention_mask, dtype=np.int64),
             "mlm_input_ids": mlm_ids,
             "mlm_labels": mlm_labels,
         }
+        if self.kept_patches is not None:
+            # Drawn after the other draws, so switching patch dropout on changes nothing else about a sample.
+            keep = rng.choice(self.num_patches, size=self.kept_patches, replace=False)
+            features["patch_keep"] = np.sort(keep).astype(np.int64)
+        return features
 
     def batch(self, indices: Sequence[int], keys: Sequence[Sequence[int]]) -> tuple[dict[str, torch.Tensor], int]:
         """Stacked features of `indices` (sample i keyed by keys[i]) and the number of bad samples skipped.
 
         Keys: pixel_values (B, C, H, W) float32; input_ids, attention_mask, mlm_input_ids, mlm_labels (B, L)
         int64; index (B,) int64, the dataset index each row came from (after substitution); sample_id (B,) int64,
-        that row's `PairSource.sample_id`.
+        that row's `PairSource.sample_id`; under patch dropout, patch_keep (B, K) int64, the sorted indices of the K
+        patches kept (`bigmodel.models.encoder.kept_patches`) among the (image_size / patch_size)^2.
         """
         prefetch = getattr(self.source, "prefetch", None)
         if prefetch is not None:

@@ -79,6 +79,7 @@ class DeepSpeedEngine(Engine):
                 "engine=deepspeed needs the deepspeed package: pip install 'bigmodel[deepspeed]'"
             ) from None
         from bigmodel.models import build_model
+        from bigmodel.models.locking import lock_towers
 
         _quiet_deepspeed()
         _skip_inference_all_reduce_build()
@@ -88,6 +89,9 @@ class DeepSpeedEngine(Engine):
         self.device = ctx.device
         self.ds_config = deepspeed_config(cfg)
         model = build_model(cfg.model, active_objectives(cfg.train.loss_weights), cfg.train.seed, ctx.device)
+        # Before initialize: DeepSpeed's ZeRO partitions the optimizer's parameters, which build_optimizer takes
+        # from requires_grad (frozen parameters get no gradient buffer and no optimizer state).
+        lock_towers(model, cfg.train)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -147,18 +151,27 @@ class DeepSpeedEngine(Engine):
         )
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Whole, data-parallel-averaged gradients by parameter name, after the last backward of a step and before
-        clipping (a collective at ZeRO 1-3: every rank calls it)."""
+        """Whole, data-parallel-averaged gradients of the trainable parameters by name (frozen ones have none), after
+        the last backward of a step and before clipping (a collective at ZeRO 1-3: every rank calls it)."""
         from deepspeed.utils import safe_get_full_grad
 
-        return {name: safe_get_full_grad(p).detach().float().clone() for name, p in self.model.named_parameters()}
+        return {
+            name: safe_get_full_grad(p).detach().float().clone()
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+        }
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Whole fp32 parameters by name (the optimizer's master copy under ZeRO; a collective at stage 3)."""
         from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.zero import GatheredParameters
 
         full = {}
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:  # frozen: in no optimizer, so the module's copy (gathered at ZeRO-3) is all
+                with GatheredParameters([param]):
+                    full[name] = param.detach().float().clone()
+                continue
             value = safe_get_full_fp32_param(param)
             full[name] = (param if value is None else value).detach().float().clone()
         return full

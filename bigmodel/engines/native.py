@@ -138,11 +138,14 @@ class NativeEngine(Engine):
             self.optimizer.zero_grad(set_to_none=True)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Whole gradients by parameter name (a collective under tensor parallelism, FSDP or ZeRO-2)."""
+        """Whole gradients of the trainable parameters by name (frozen ones, train.lock_image / lock_text, have
+        none); a collective under tensor parallelism, FSDP or ZeRO-2."""
         if self.zero is not None:
             return self.zero.full_gradients()
         full = {}
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
             grad = param.grad
             assert grad is not None, name
             full[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()

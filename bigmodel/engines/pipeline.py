@@ -24,6 +24,7 @@ from bigmodel.config.schema import Config
 from bigmodel.engines.base import StepStats
 from bigmodel.engines.native import NativeEngine
 from bigmodel.losses import active_objectives, total_loss
+from bigmodel.models.encoder import next_token_labels
 from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.data_parallel import ZeroOptimizer
@@ -146,7 +147,7 @@ class PipelineEngine(NativeEngine):
         self._parts: list[dict[str, torch.Tensor]] = []
 
     def loss_fn(self, output: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
-        """The objectives' weighted sum for one microbatch, on the last stage; `target` is its mlm_labels.
+        """The objectives' weighted sum for one microbatch, on the last stage; `target` is its `loss_target`.
 
         The schedule also calls it once on made-up activations to infer the backward's shapes; only the last
         parallel.microbatches records of a step are real (see reported_losses).
@@ -158,11 +159,19 @@ class PipelineEngine(NativeEngine):
         self.timeline.extend_forward(self.last_module.plan.index)
         return loss
 
+    def loss_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The per-position labels (B, L) the loss reads besides the last stage's outputs (-100: not scored): the
+        captioning targets when captioning trains, else mlm_labels. Captioning and MLM never train together
+        (bigmodel.config.validate.check_objectives), so one tensor serves either."""
+        if "caption" in active_objectives(self.cfg.train.loss_weights):
+            return next_token_labels(batch["input_ids"], batch["attention_mask"])
+        return batch["mlm_labels"]
+
     def run_schedule(self, batch: dict[str, torch.Tensor], train: bool) -> Any:
         """One pass of the schedule over `batch` (this rank's share; split into parallel.microbatches)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         args = [batch[k] for k in INPUT_KEYS] if self.is_first else []
-        target = batch["mlm_labels"] if self.is_last else None
+        target = self.loss_target(batch) if self.is_last else None
         with loss_context(self.ctx.dims.tp > 1):
             if train:
                 return self.schedule.step(*args, target=target, losses=[])
@@ -240,7 +249,7 @@ class PipelineEngine(NativeEngine):
         if self.is_last:
             outputs = dict(zip(self.last_module.output_keys(), output, strict=True))
             outputs = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in outputs.items()}
-            outputs = select_masked(trim_outputs(outputs, padded, rows), batch["mlm_labels"].to(self.device))
+            outputs = select_masked(trim_outputs(outputs, padded, rows), self.loss_target(batch).to(self.device))
         box = [outputs]
         last_rank = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
         dist.broadcast_object_list(box, src=last_rank, group=self.pp_group)
@@ -263,7 +272,7 @@ def trim_outputs(outputs: dict[str, torch.Tensor], padded: dict[str, torch.Tenso
     if total == rows:
         return outputs
     trimmed = dict(outputs)
-    for key in ("image_embeds", "text_embeds", "mlm_logits"):
+    for key in ("image_embeds", "text_embeds", "mlm_logits", "caption_logits"):
         if key in outputs:
             trimmed[key] = outputs[key][:rows]
     # ITM rows are pairs laid out per microbatch, which the padding changed: skip ITM for this batch.
@@ -273,15 +282,17 @@ def trim_outputs(outputs: dict[str, torch.Tensor], padded: dict[str, torch.Tenso
 
 
 def select_masked(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Turn every-position MLM logits (B, L, V) into the masked positions' (M, V) and their labels (M,)."""
-    if "mlm_logits" not in outputs:
+    """Turn every-position MLM or captioning logits (B, L, V) into the scored positions' (M, V) and their labels
+    (M,) (`labels` (B, L), -100 where not scored)."""
+    name = next((n for n in ("mlm", "caption") if f"{n}_logits" in outputs), None)
+    if name is None:
         return outputs
     selected = labels != -100
-    logits = outputs["mlm_logits"]
+    logits = outputs[f"{name}_logits"]
     if isinstance(logits, DTensor):  # vocab-sharded under tensor parallelism: select rows of the local shard
         local = logits.to_local()[selected]  # (M, V / tp)
         placements = [Shard(1) if p.is_shard() else p for p in logits.placements]
         logits = DTensor.from_local(local, logits.device_mesh, placements, run_check=False)
     else:
         logits = logits[selected]
-    return outputs | {"mlm_logits": logits, "mlm_labels": labels[selected]}
+    return outputs | {f"{name}_logits": logits, f"{name}_labels": labels[selected]}

@@ -24,9 +24,10 @@ __all__ = [
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Cross-entropy over the masked positions, normalised by the masked count of the whole microbatch.
+    """Cross-entropy over the scored positions, normalised by their count in the whole microbatch: MLM's masked
+    tokens, and captioning's next tokens (total_loss uses it for both).
 
-    logits (M, V) and labels (M,) for this rank's M masked positions. Ranks mask different numbers of tokens, so a
+    logits (M, V) and labels (M,) for this rank's M scored positions. Ranks score different numbers of tokens, so a
     plain per-rank mean averaged over ranks would weight tokens unequally; with `group` the per-rank value is
     scaled so that the mean over ranks (what data-parallel gradient averaging computes) is the global token mean.
     """
@@ -76,5 +77,7 @@ def total_loss(
         parts["itm"] = F.cross_entropy(upcast(outputs["itm_logits"]), outputs["itm_labels"])
     if "mlm_logits" in outputs:
         parts["mlm"] = masked_lm_loss(outputs["mlm_logits"], outputs["mlm_labels"], dp_group)
+    if "caption_logits" in outputs:
+        parts["caption"] = masked_lm_loss(outputs["caption_logits"], outputs["caption_labels"], dp_group)
     total = sum(getattr(weights, name) * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}

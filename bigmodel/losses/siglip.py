@@ -99,11 +99,19 @@ def siglip_loss(
     if exchange == "gather":
         all_texts = gather_with_grad(texts, group)  # (b * W, E), rank order
         return _pair_loss(images, all_texts, scale, bias, positives_at=dist.get_rank(group) * b) / b
-    total = _pair_loss(images, texts, scale, bias, positives_at=0)
+    # Every block, the local one too, is recomputed in backward: autograd would otherwise keep each hop's (b, b)
+    # block and its intermediates, b x B in all.
+    total = _checkpointed_pair_loss(images, texts, scale, bias, positives_at=0)
     for _ in range(dist.get_world_size(group) - 1):
         texts = pass_to_next_rank(texts, group)  # after hop k: the texts of rank (rank - k) % W
-        # Recomputed in backward: autograd would otherwise keep every hop's (b, b) block, b x B in all.
-        total = total + checkpoint(
-            _pair_loss, images, texts, scale, bias, None, use_reentrant=False, preserve_rng_state=False
-        )
+        total = total + _checkpointed_pair_loss(images, texts, scale, bias, positives_at=None)
     return total / b
+
+
+def _checkpointed_pair_loss(
+    images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, positives_at: int | None
+) -> torch.Tensor:
+    """_pair_loss that keeps only its inputs for backward and recomputes the block there."""
+    return checkpoint(
+        _pair_loss, images, texts, scale, bias, positives_at, use_reentrant=False, preserve_rng_state=False
+    )

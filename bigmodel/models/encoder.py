@@ -28,18 +28,35 @@ def blocks(cfg: ModelConfig, width: int, heads: int, mlp_dim: int, layers: int, 
     return block_stack(width, heads, mlp_dim, layers, cfg.activation, cfg.dropout, cfg.norm_eps, cross, block)
 
 
-def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Boolean attention mask (B, 1, T, T), True where query t may attend key s, from a (B, T) 0/1 token mask."""
+def padding_mask(attention_mask: torch.Tensor, causal: bool | torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask, True where query t may attend key s, from a (B, T) 0/1 token mask.
+
+    `causal`: one choice for every row, or a (B,) 0/1 tensor per row (a fusion pass mixes causal caption rows with
+    bidirectional ITM rows). Returns (B, 1, 1, T) when nothing is causal, else (B, 1, T, T).
+    """
     keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    if not causal:
+    if causal is False:
         return keys
     t = attention_mask.shape[1]
-    lower = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    lower = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()  # (T, T)
+    if isinstance(causal, torch.Tensor):
+        lower = lower | ~causal.bool()[:, None, None, None]  # (B, 1, T, T): bidirectional rows see every key
     return keys & lower  # (B, 1, T, T)
 
 
+def kept_patches(cfg: ModelConfig) -> int:
+    """K, the patches each image keeps in training under FLIP's patch dropout (model.patch_dropout = p): of the
+    N = (image_size / patch_size)^2, max(1, int(N (1 - p))), OpenCLIP's PatchDropout rounding."""
+    return max(1, int((cfg.image_size // cfg.patch_size) ** 2 * (1 - cfg.patch_dropout)))
+
+
 class VisionTower(nn.Module):
-    """ViT: patch embedding, class token, learned positions, pre-LN blocks; outputs every token, normalised."""
+    """ViT: patch embedding, class token, learned positions, pre-LN blocks; outputs every token, normalised.
+
+    In training, a batch's `patch_keep` (B, K), the kept patches' indices drawn by the data pipeline (FLIP's patch
+    dropout), selects the patch tokens after positions are added; the class token is always kept. Evaluation (or a
+    batch without patch_keep) sees every patch.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,11 +69,19 @@ class VisionTower(nn.Module):
         self.blocks = blocks(cfg, width, cfg.vision_heads, cfg.vision_mlp_dim, cfg.vision_layers)
         self.post_norm = nn.LayerNorm(width, eps=cfg.norm_eps)
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, C, H, W) -> the blocks' input tokens (B, 1 + N, Dv); token 0 is the class token."""
+    def embed(self, pixel_values: torch.Tensor, patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> the blocks' input tokens (B, 1 + N, Dv); token 0 is the class token.
+
+        In training with patch_keep (B, K) int64 (indices among the N patches): (B, 1 + K, Dv), the kept patches.
+        """
         patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, N, Dv)
         cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)  # (B, 1, Dv)
-        return self.pre_norm(torch.cat([cls, patches], dim=1) + self.position_embedding)
+        tokens = torch.cat([cls, patches], dim=1) + self.position_embedding  # (B, 1 + N, Dv)
+        if self.training and patch_keep is not None:
+            # Positions first, as FLIP does, so a kept patch keeps its place in the image; token 0 is the class token.
+            index = torch.cat([patch_keep.new_zeros(patch_keep.shape[0], 1), patch_keep + 1], dim=1)  # (B, 1 + K)
+            tokens = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, 1 + K, Dv)
+        return self.pre_norm(tokens)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, C, H, W) -> tokens (B, 1 + N, Dv), normalised; token 0 is the class token."""
@@ -103,16 +128,24 @@ class Fusion(nn.Module):
         )
         self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
 
-    def enter(self, text: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def enter(
+        self,
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image: torch.Tensor,
+        causal: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The fusion blocks' inputs for R rows, each a caption with the image of its sample.
 
         text (R, L, Dt) and attention_mask (R, L) per row; image (B, N, Dv) with R a multiple of B, row r using image
-        r % B. Returns fused (R, S, Dt), fused_mask (R, S) and, for cross fusion, context (B, N, Dt): the image
-        tokens projected to the fusion width (cross-attention repeats them over the R rows).
+        r % B; causal (R,) 0/1, the rows whose self-attention is causal (captioning; cross fusion only), or None.
+        Returns fused (R, S, Dt), fused_mask (R, S), causal (R,) if given and, for cross fusion, context (B, N, Dt):
+        the image tokens projected to the fusion width (cross-attention repeats them over the R rows).
         """
         image = self.image_proj(image)  # (B, N, Dt)
         if self.kind == "cross":
-            return {"fused": text, "fused_mask": attention_mask.to(text.dtype), "context": image}
+            state = {"fused": text, "fused_mask": attention_mask.to(text.dtype), "context": image}
+            return state if causal is None else state | {"causal": causal.to(text.dtype)}
         copies = text.shape[0] // image.shape[0]
         image = image.repeat(copies, 1, 1)  # (R, N, Dt)
         x = torch.cat([text + self.modality_embedding[0], image + self.modality_embedding[1]], dim=1)
@@ -121,7 +154,7 @@ class Fusion(nn.Module):
 
     def run_blocks(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The blocks this module holds, on the fused rows of `state` (see `enter`)."""
-        x, mask = state["fused"], padding_mask(state["fused_mask"], causal=False)
+        x, mask = state["fused"], padding_mask(state["fused_mask"], causal=state.get("causal", False))
         if self.kind == "cross":
             copies = x.shape[0] // state["context"].shape[0]
             return self.blocks(x, mask=mask, context=state["context"].repeat(copies, 1, 1))
@@ -130,6 +163,17 @@ class Fusion(nn.Module):
     def exit(self, fused: torch.Tensor, text_length: int) -> torch.Tensor:
         """Normalised fused text tokens (R, L, Dt) (merged fusion drops the image positions)."""
         return self.norm(fused[:, :text_length])
+
+
+class CaptionHead(nn.Module):
+    """CoCa's captioning decoder: vocabulary logits of the next token at every fused caption position."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.decoder = nn.Linear(cfg.text_width, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x)
 
 
 class ContrastiveHead(nn.Module):
@@ -189,6 +233,17 @@ def itm_partner(batch_size: int, device: torch.device) -> torch.Tensor:
     return torch.where(partner < batch_size, partner, index - 1)
 
 
+def has_next_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True at the positions captioning scores: those whose next token is real (not padding)."""
+    real = attention_mask.bool()
+    return torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)
+
+
+def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Captioning targets (B, L): input_ids[t + 1] where `has_next_token`, else -100 (the last real token, padding)."""
+    return torch.where(has_next_token(attention_mask), input_ids.roll(-1, dims=1), -100)
+
+
 class MultimodalEncoder(nn.Module):
     """Image tower + text tower (+ fusion) with the heads of the chosen objectives.
 
@@ -207,8 +262,9 @@ class MultimodalEncoder(nn.Module):
         self.objectives = tuple(o for o in OBJECTIVES if o in objectives)
         self.vision = VisionTower(cfg)
         self.text = TextTower(cfg)
-        # Only ITM and MLM read fused text; without them a fusion stack would hold parameters that never get gradients.
-        if cfg.fusion != "none" and {"itm", "mlm"} & set(self.objectives):
+        # Only ITM, MLM and captioning read fused text; without them a fusion stack would hold parameters that never
+        # get gradients.
+        if cfg.fusion != "none" and {"itm", "mlm", "caption"} & set(self.objectives):
             self.fusion = Fusion(cfg)
         if self.embeds:
             self.contrastive = ContrastiveHead(cfg, sigmoid="siglip" in self.objectives)
@@ -216,9 +272,11 @@ class MultimodalEncoder(nn.Module):
             self.itm_head = nn.Linear(cfg.text_width, 2)
         if "mlm" in self.objectives:
             self.mlm_head = MaskedLMHead(cfg)
-        self.mlm_every_position = False
-        """Predict every caption position (B, L, V) instead of the masked ones (M, V): a shape that does not depend
-        on the data, which pipeline stages need; the loss then selects the masked positions."""
+        if "caption" in self.objectives:
+            self.caption_head = CaptionHead(cfg)
+        self.every_position = False
+        """Predict every caption position (B, L, V) for MLM and captioning instead of the scored ones (M, V): a shape
+        that does not depend on the data, which pipeline stages need; the loss then selects the scored positions."""
 
     def block_stacks(self) -> list[nn.Module]:
         """Every BlockStack of the model, in forward order."""
@@ -243,8 +301,9 @@ class MultimodalEncoder(nn.Module):
     # The forward is a chain of parts that pass a dict of tensors (the "state") along; a pipeline stage runs a
     # contiguous piece of the chain (bigmodel.parallel.pipeline):
     #   embed -> vision blocks -> text blocks -> join -> fusion blocks -> heads
-    # Captions go through the text tower together (the plain caption for contrastive / ITM, the masked one for MLM),
-    # and every fused row (ITM true pairs, ITM negatives, MLM) goes through the fusion blocks together.
+    # Captions go through the text tower together (the plain caption for contrastive / ITM / captioning, the masked
+    # one for MLM), and every fused row (ITM true pairs, ITM negatives, MLM, captioning) goes through the fusion
+    # blocks together; captioning's rows attend causally, the others bidirectionally.
 
     @property
     def embeds(self) -> bool:
@@ -253,7 +312,7 @@ class MultimodalEncoder(nn.Module):
 
     @property
     def encodes_plain_text(self) -> bool:
-        return self.embeds or "itm" in self.objectives
+        return self.embeds or bool({"itm", "caption"} & set(self.objectives))
 
     @property
     def fuses(self) -> bool:
@@ -262,7 +321,7 @@ class MultimodalEncoder(nn.Module):
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings of the image and of every caption copy, plus the masks the later parts need.
 
-        State: image (B, 1 + N, Dv), text (T*B, L, Dt) for T caption copies, mask (B, L); same (B,) when ITM is on
+        State: image (B, 1 + N, Dv) (1 + K in training under patch dropout), text (T*B, L, Dt) for T caption copies, mask (B, L); same (B,) when ITM is on
         (1.0 where the pair neighbour's caption is identical); selected (B, L) when MLM is on. Masks are float so
         that every state entry can travel between pipeline stages.
         """
@@ -271,7 +330,7 @@ class MultimodalEncoder(nn.Module):
         if "mlm" in self.objectives:
             captions.append(batch["mlm_input_ids"])
         state = {
-            "image": self.vision.embed(batch["pixel_values"]),
+            "image": self.vision.embed(batch["pixel_values"], batch.get("patch_keep")),
             "text": self.text.embed(torch.cat(captions)),
             "mask": mask.float(),
         }
@@ -293,7 +352,7 @@ class MultimodalEncoder(nn.Module):
 
     def join(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """End both towers: contrastive embeddings, and the fusion inputs (rows: ITM true pairs, ITM pairs with the
-        neighbour's caption, MLM), carrying the masks the heads need."""
+        neighbour's caption, MLM, captioning), carrying the masks the heads need."""
         image = self.vision.post_norm(state["image"])  # (B, 1 + N, Dv)
         text = self.text.final_norm(state["text"])  # (T*B, L, Dt)
         mask = state["mask"]
@@ -310,7 +369,12 @@ class MultimodalEncoder(nn.Module):
             if "mlm" in self.objectives:
                 rows.append(text[-b:])
                 row_masks.append(mask)
-            out.update(self.fusion.enter(torch.cat(rows), torch.cat(row_masks), image))
+            causal = None
+            if "caption" in self.objectives:  # the plain caption again, decoded causally (last, as MLM never joins)
+                rows.append(text[:b])
+                row_masks.append(mask)
+                causal = torch.cat([mask.new_zeros(len(rows) * b - b), mask.new_ones(b)])  # (R,)
+            out.update(self.fusion.enter(torch.cat(rows), torch.cat(row_masks), image, causal))
         return out
 
     def run_fusion_blocks(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -330,11 +394,25 @@ class MultimodalEncoder(nn.Module):
             same = state["same"] > 0.5  # a 0/1 float mask (it may travel between pipeline stages)
             out["itm_labels"] = torch.cat([torch.ones_like(same), same]).long()
         if "mlm" in self.objectives:
-            if self.mlm_every_position:
+            if self.every_position:
                 out["mlm_logits"] = self.mlm_head(fused[-b:])  # (B, L, V)
             else:
                 out["mlm_logits"] = self.mlm_head(fused[-b:][state["selected"].bool()])  # (M, V)
+        if "caption" in self.objectives:
+            if self.every_position:
+                out["caption_logits"] = self.caption_head(fused[-b:])  # (B, L, V)
+            else:
+                out["caption_logits"] = self.caption_head(fused[-b:][has_next_token(state["mask"])])  # (M, V)
         return out
+
+    def decode(self, image: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Captioning logits (B, T, V) at every position of the prefixes input_ids (B, T), all tokens real, for the
+        image tower's output tokens image (B, 1 + N, Dv). Position t reads tokens 0..t only, as in training."""
+        mask = torch.ones_like(input_ids)
+        text = self.text(input_ids, mask)  # (B, T, Dt), causal
+        causal = mask.new_ones(input_ids.shape[0])
+        fused = self.fusion.run_blocks(self.fusion.enter(text, mask, image, causal))
+        return self.caption_head(self.fusion.exit(fused, input_ids.shape[1]))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the towers, fusion and heads on a batch (keys as produced by `bigmodel.data`).
@@ -342,7 +420,8 @@ class MultimodalEncoder(nn.Module):
         Returns, per objective: contrastive -> image_embeds, text_embeds (B, E) unit-norm and logit_scale (B, 1)
         (one value, repeated per row); siglip -> the same and logit_bias (B, 1);
         itm -> itm_logits (2B, 2) and itm_labels (2B,) for the B true pairs then the B pairs with a neighbour's
-        caption; mlm -> mlm_logits (M, V) and mlm_labels (M,) for the M masked positions.
+        caption; mlm -> mlm_logits (M, V) and mlm_labels (M,) for the M masked positions; caption ->
+        caption_logits (M, V) and caption_labels (M,) for the M positions that have a next token (`next_token_labels`).
         """
         state = self.run_text_blocks(self.run_vision_blocks(self.embed(batch)))
         state = self.join(state)
@@ -352,4 +431,7 @@ class MultimodalEncoder(nn.Module):
         if "mlm" in self.objectives:
             labels = batch["mlm_labels"]
             out["mlm_labels"] = labels[labels != -100]
+        if "caption" in self.objectives:
+            labels = next_token_labels(batch["input_ids"], batch["attention_mask"])
+            out["caption_labels"] = labels[labels != -100]
         return out

@@ -1,7 +1,7 @@
 """Parameter and FLOP counts of the multimodal encoder, from its config alone.
 
 Parts are named after the model's top-level modules: vision, text, fusion, and heads (contrastive projections and
-logit scale, ITM classifier, MLM head).
+logit scale, ITM classifier, MLM head, captioning decoder).
 """
 
 from __future__ import annotations
@@ -90,20 +90,21 @@ def flops_per_sample(
     masked_tokens: positions per caption the MLM head runs on; default the expected count
         DEFAULT_MLM_PROBABILITY * text_tokens. A fractional expectation makes the counts fractional.
 
-    What is counted follows the forward: the text tower runs once for contrastive and/or itm and once more on the
-    masked caption for mlm; the fusion blocks run on 2 rows per sample for itm (the true pair and the neighbour's
-    caption) and on 1 for mlm, after projecting the sample's image tokens once. A matmul (m, k) @ (k, n) costs
-    2 m n k; attention is counted dense, as the kernels compute it (padding and causal masks save nothing).
-    Not counted: elementwise ops, norms, softmax, embeddings lookups, the loss (the B x B contrastive similarity
-    adds 2 B embed_dim per sample), and the recomputation that activation checkpointing adds in training.
+    What is counted follows the forward: the text tower runs once for contrastive, itm and/or caption and once more
+    on the masked caption for mlm; the fusion blocks run on 2 rows per sample for itm (the true pair and the
+    neighbour's caption), on 1 for mlm and on 1 for caption, after projecting the sample's image tokens once; the
+    caption decoder runs on the text_tokens - 1 positions that have a next token (no padding assumed). A matmul
+    (m, k) @ (k, n) costs 2 m n k; attention is counted dense, as the kernels compute it (padding and causal masks
+    save nothing). Not counted: elementwise ops, norms, softmax, embeddings lookups, the loss (the B x B contrastive
+    similarity adds 2 B embed_dim per sample), and the recomputation that activation checkpointing adds in training.
     """
     _check_objectives(cfg, objectives)
     tokens = cfg.context_length if text_tokens is None else text_tokens
     if not 1 <= tokens <= cfg.context_length:
         raise ValueError(f"text_tokens={tokens} must be between 1 and model.context_length={cfg.context_length}")
     masked = DEFAULT_MLM_PROBABILITY * tokens if masked_tokens is None else masked_tokens
-    text_runs = int(bool({"contrastive", "siglip", "itm"} & set(objectives))) + int("mlm" in objectives)
-    fusion_runs = 2 * int("itm" in objectives) + int("mlm" in objectives)
+    text_runs = _text_copies(objectives)
+    fusion_runs = _fused_rows(objectives)
     width = cfg.text_width
     heads: float = 0
     if {"contrastive", "siglip"} & set(objectives):
@@ -112,6 +113,8 @@ def flops_per_sample(
         heads += 2 * _linear(1, width, 2)
     if "mlm" in objectives:
         heads += masked * (_linear(1, width, width) + _linear(1, width, cfg.vocab_size))
+    if "caption" in objectives:
+        heads += (tokens - 1) * _linear(1, width, cfg.vocab_size)
     flops = {
         "vision": _vision_forward(cfg),
         "text": text_runs * _text_forward(cfg, tokens),
@@ -127,9 +130,19 @@ def _check_objectives(cfg: ModelConfig, objectives: Collection[str]) -> None:
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown or not objectives:
         raise ValueError(f"objectives {sorted(objectives)} must be a non-empty subset of {OBJECTIVES}")
-    fused = sorted(set(objectives) & {"itm", "mlm"})
+    fused = sorted(set(objectives) & {"itm", "mlm", "caption"})
     if fused and cfg.fusion == "none":
         raise ValueError(f"objectives {fused} need fused text, but model.fusion=none")
+
+
+def _text_copies(objectives: Collection[str]) -> int:
+    """Caption copies through the text tower: the plain one (contrastive, siglip, itm, caption), the masked (mlm)."""
+    return int(bool({"contrastive", "siglip", "itm", "caption"} & set(objectives))) + int("mlm" in objectives)
+
+
+def _fused_rows(objectives: Collection[str]) -> int:
+    """Fused rows per sample: ITM's true pair and neighbour pair, MLM's masked caption, captioning's caption."""
+    return 2 * int("itm" in objectives) + int("mlm" in objectives) + int("caption" in objectives)
 
 
 def flops_per_block(cfg: ModelConfig, objectives: Collection[str], stack: str, text_tokens: int | None = None) -> float:
@@ -140,9 +153,8 @@ def flops_per_block(cfg: ModelConfig, objectives: Collection[str], stack: str, t
     if stack == "vision":
         return _block(image_tokens, cfg.vision_width, cfg.vision_mlp_dim)
     if stack == "text":
-        copies = int(bool({"contrastive", "siglip", "itm"} & set(objectives))) + int("mlm" in objectives)
-        return copies * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
-    rows = 2 * int("itm" in objectives) + int("mlm" in objectives)
+        return _text_copies(objectives) * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
+    rows = _fused_rows(objectives)
     if cfg.fusion == "merged":
         return rows * _block(tokens + image_tokens, cfg.text_width, cfg.text_mlp_dim)
     return rows * _block(tokens, cfg.text_width, cfg.text_mlp_dim, context=image_tokens)

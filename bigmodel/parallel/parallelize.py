@@ -1,5 +1,6 @@
 """The recipe that turns the plain model into its parallel layout, in one fixed order:
-tensor (and sequence) parallel -> materialise and initialise -> activation checkpointing -> compile -> FSDP (ZeRO-3).
+tensor (and sequence) parallel -> materialise and initialise -> lock towers -> activation checkpointing -> compile ->
+FSDP (ZeRO-3).
 
 ZeRO stages 0-2 do not touch the model; they live in the optimizer wrapper (`bigmodel.parallel.data_parallel`).
 """
@@ -12,6 +13,7 @@ import torch
 
 from bigmodel.config.schema import Config
 from bigmodel.models.encoder import MultimodalEncoder
+from bigmodel.models.locking import lock_towers
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.fsdp import apply_fsdp
 from bigmodel.parallel.init import materialize_model
@@ -35,6 +37,8 @@ def parallelize_module_parts(model: MultimodalEncoder, cfg: Config, ctx: Paralle
     if dims.tp > 1:
         apply_tensor_parallel(model, ctx.meshes.tp, sequence_parallel=dims.sp)
     materialize_model(model, cfg.train.seed, ctx.device)
+    # Before FSDP: fully_shard records which parameters need gradients (frozen ones get no reduce-scatter).
+    lock_towers(model, cfg.train)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.compile:
         apply_compile(model, whole_model=dims.tp > 1, backend=cfg.train.compile_backend)

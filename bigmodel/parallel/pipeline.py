@@ -40,12 +40,22 @@ JOINED_KEYS = (
     "fused",
     "fused_mask",
     "context",
+    "causal",
     "mask",
     "same",
     "selected",
 )
 """The state between stages after the join."""
-OUTPUT_KEYS = ("image_embeds", "text_embeds", "logit_scale", "logit_bias", "itm_logits", "itm_labels", "mlm_logits")
+OUTPUT_KEYS = (
+    "image_embeds",
+    "text_embeds",
+    "logit_scale",
+    "logit_bias",
+    "itm_logits",
+    "itm_labels",
+    "mlm_logits",
+    "caption_logits",
+)
 """What the last stage returns to the loss."""
 
 
@@ -129,7 +139,7 @@ class PipelineStageModel(MultimodalEncoder):
     def __init__(self, cfg: ModelConfig, objectives: Collection[str], plan: StagePlan):
         super().__init__(cfg, objectives)
         self.plan = plan
-        self.mlm_every_position = True  # stage outputs must not change shape with the data
+        self.every_position = True  # stage outputs must not change shape with the data
         self._prune(plan)
 
     def _prune(self, plan: StagePlan) -> None:
@@ -155,7 +165,7 @@ class PipelineStageModel(MultimodalEncoder):
                 if hasattr(self.fusion, "modality_embedding"):
                     del self.fusion.modality_embedding
         if not plan.heads:
-            for name in ("itm_head", "mlm_head"):
+            for name in ("itm_head", "mlm_head", "caption_head"):
                 if hasattr(self, name):
                     delattr(self, name)
             if self.fuses:
@@ -181,8 +191,9 @@ class PipelineStageModel(MultimodalEncoder):
             "image_embeds": self.embeds, "text_embeds": self.embeds, "logit_scale": self.embeds,
             "logit_bias": "siglip" in self.objectives,
             "fused": self.fuses, "fused_mask": self.fuses, "context": self.fuses and self.cfg.fusion == "cross",
+            "causal": "caption" in self.objectives,
             "itm_logits": "itm" in self.objectives, "itm_labels": "itm" in self.objectives,
-            "mlm_logits": "mlm" in self.objectives,
+            "mlm_logits": "mlm" in self.objectives, "caption_logits": "caption" in self.objectives,
         }  # fmt: skip
         return tuple(k for k in keys if has[k])
 

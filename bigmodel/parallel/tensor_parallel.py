@@ -3,10 +3,10 @@
 Megatron-style tensor parallelism on a 1-D `tp` mesh. In every Transformer block of the vision tower, the text
 tower and the fusion stack, q/k/v are split by output features (whole heads per rank) and the attention output
 projection by input features; the MLP's fc1 likewise by output and fc2 by input features. The text token
-embedding is split by vocabulary rows and the MLM decoder by vocabulary columns, its logits left vocab-sharded
-for a vocab-parallel cross-entropy (`loss_context`). Everything else (patch embedding, positions, tower norms,
-image projection, contrastive and ITM heads) is small and stays a plain replicated tensor: every tensor-parallel
-rank sees the same samples and computes the same values and gradients for it.
+embedding is split by vocabulary rows and the MLM and captioning decoders by vocabulary columns, their logits left
+vocab-sharded for a vocab-parallel cross-entropy (`loss_context`). Everything else (patch embedding, positions,
+tower norms, image projection, contrastive and ITM heads) is small and stays a plain replicated tensor: every
+tensor-parallel rank sees the same samples and computes the same values and gradients for it.
 
 With sequence parallelism, the residual stream inside each BlockStack is a DTensor sharded on the sequence dim
 (dim 1): the block norms run on sequence shards, attention and MLP all-gather their input and reduce-scatter
@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from bigmodel.models.encoder import MaskedLMHead, MultimodalEncoder, TextTower
+from bigmodel.models.encoder import CaptionHead, MaskedLMHead, MultimodalEncoder, TextTower
 from bigmodel.models.layers import Block, BlockStack
 
 SEQUENCE_DIM = 1
@@ -60,8 +60,9 @@ def apply_tensor_parallel(model: MultimodalEncoder, tp_mesh: DeviceMesh, sequenc
         apply_block_stack(stack, tp_mesh, sequence_parallel)
     if hasattr(model.text, "token_embedding"):  # a pipeline stage other than the first has none
         apply_vocab_parallel_embedding(model.text, tp_mesh)
-    if hasattr(model, "mlm_head"):
-        apply_vocab_parallel_decoder(model.mlm_head, tp_mesh)
+    for head in ("mlm_head", "caption_head"):  # a pipeline stage other than the last has neither
+        if hasattr(model, head):
+            apply_vocab_parallel_decoder(getattr(model, head), tp_mesh)
 
 
 def apply_block_stack(stack: BlockStack, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -135,16 +136,17 @@ def apply_vocab_parallel_embedding(text: TextTower, tp_mesh: DeviceMesh) -> None
     parallelize_module(text, tp_mesh, {"token_embedding": RowwiseParallel(input_layouts=Replicate())})
 
 
-def apply_vocab_parallel_decoder(head: MaskedLMHead, tp_mesh: DeviceMesh) -> None:
-    """Split the MLM decoder by vocabulary columns. Its logits stay a DTensor sharded on the vocabulary (M, V/tp
-    per rank), never gathered: the cross-entropy must run under `loss_context(True)`. Code that reads the logits
-    themselves (evaluation accuracy) needs `.full_tensor()`."""
+def apply_vocab_parallel_decoder(head: MaskedLMHead | CaptionHead, tp_mesh: DeviceMesh) -> None:
+    """Split an MLM or captioning decoder by vocabulary columns. Its logits stay a DTensor sharded on the
+    vocabulary (M, V/tp per rank), never gathered: the cross-entropy must run under `loss_context(True)`. Code that
+    reads the logits themselves (evaluation accuracy) needs `.full_tensor()`."""
     parallelize_module(head, tp_mesh, {"decoder": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
 
 
 def loss_context(tp_enabled: bool) -> contextlib.AbstractContextManager:
     """The context the forward, the loss and the backward run in: `loss_parallel()` with tensor parallelism, so
-    that `F.cross_entropy` on vocab-sharded MLM logits is computed without gathering them; else a no-op.
+    that `F.cross_entropy` on vocab-sharded MLM and captioning logits is computed without gathering them; else a
+    no-op.
 
     The backward must run inside it too. `bigmodel.losses.masked_lm_loss` returns the vocab-parallel loss as a
     plain tensor, so `total_loss` and its parts stay plain; the contrastive and ITM losses are unaffected.

@@ -173,12 +173,12 @@ _BLOCK = re.compile(r"^(vision|text|fusion)\.blocks\.layers\.(\d+)\.")
 # Tensor-parallel plan (bigmodel/parallel/tensor_parallel.py): these tensors are split over the tp ranks.
 _TP_SHARDED = re.compile(
     r"(_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)|_attn\.out_proj\.weight|mlp\.fc1\.(weight|bias)|mlp\.fc2\.weight"
-    r"|^text\.token_embedding\.weight|^mlm_head\.decoder\.(weight|bias))$"
+    r"|^text\.token_embedding\.weight|^(mlm|caption)_head\.decoder\.(weight|bias))$"
 )
 _EMBED = ("vision.patch_embedding", "vision.class_embedding", "vision.position_embedding", "vision.pre_norm",
           "text.token_embedding", "text.position_embedding")  # fmt: skip
 _JOIN = ("vision.post_norm", "text.final_norm", "contrastive.", "fusion.image_proj", "fusion.modality_embedding")
-_HEADS = ("itm_head", "mlm_head", "fusion.norm")
+_HEADS = ("itm_head", "mlm_head", "caption_head", "fusion.norm")
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ _STAGE_CACHE: dict[tuple, tuple[Stage, ...]] = {}
 
 
 def _block_counts(cfg: ModelConfig, objectives: Collection[str]) -> dict[str, int]:
-    fused = cfg.fusion != "none" and {"itm", "mlm"} & set(objectives)
+    fused = cfg.fusion != "none" and {"itm", "mlm", "caption"} & set(objectives)
     return {"vision": cfg.vision_layers, "text": cfg.text_layers, "fusion": cfg.fusion_layers if fused else 0}
 
 
@@ -290,8 +290,8 @@ class Shapes:
     def of(cls, cfg: Config, objectives: Collection[str]) -> Shapes:
         m = cfg.model
         image = (m.image_size // m.patch_size) ** 2 + 1
-        copies = int(bool({"contrastive", "siglip", "itm"} & set(objectives))) + int("mlm" in objectives)
-        rows = 2 * int("itm" in objectives) + int("mlm" in objectives)
+        copies = int(bool({"contrastive", "siglip", "itm", "caption"} & set(objectives))) + int("mlm" in objectives)
+        rows = 2 * int("itm" in objectives) + int("mlm" in objectives) + int("caption" in objectives)
         cross = m.fusion == "cross"
         masked = cfg.data.mlm_probability * m.context_length if "mlm" in objectives else 0.0
         return cls(

@@ -1,4 +1,4 @@
-"""Held-out evaluation: zero-shot image<->text retrieval, image-text matching and masked-LM accuracy."""
+"""Held-out evaluation: zero-shot image<->text retrieval, image-text matching, masked-LM and captioning accuracy."""
 
 from __future__ import annotations
 
@@ -32,26 +32,23 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, cap
 def evaluate(engine: Engine, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Run the model over every held-out batch and return the metrics its heads allow."""
     images, texts, captions = [], [], []
-    itm_hits = itm_count = mlm_hits = mlm_count = 0
+    hits = dict.fromkeys(("itm", "mlm", "caption"), 0)
+    counts = dict.fromkeys(hits, 0)
     for batch in batches:
         out = engine.forward_eval(batch)
         if "image_embeds" in out:
             images.append(out["image_embeds"].cpu())
             texts.append(out["text_embeds"].cpu())
             captions.append(batch["input_ids"])
-        if "itm_logits" in out:
-            itm_hits += (out["itm_logits"].argmax(-1) == out["itm_labels"]).sum().item()
-            itm_count += out["itm_labels"].numel()
-        if "mlm_logits" in out:
-            mlm_hits += (out["mlm_logits"].argmax(-1) == out["mlm_labels"]).sum().item()
-            mlm_count += out["mlm_labels"].numel()
+        # Accuracy over what each head scores: ITM's pairs, MLM's masked tokens, captioning's real next tokens.
+        for name in hits:
+            if f"{name}_logits" in out:
+                hits[name] += (out[f"{name}_logits"].argmax(-1) == out[f"{name}_labels"]).sum().item()
+                counts[name] += out[f"{name}_labels"].numel()
     metrics: dict[str, float] = {}
     if images:
         metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(captions)))
-    if itm_count:
-        metrics["itm_acc"] = itm_hits / itm_count
-    if mlm_count:
-        metrics["mlm_acc"] = mlm_hits / mlm_count
+    metrics.update({f"{name}_acc": hits[name] / counts[name] for name in hits if counts[name]})
     return metrics
 
 

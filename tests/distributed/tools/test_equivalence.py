@@ -33,6 +33,9 @@ SUITES = {
     "merged": ["zero2x2", "tp2+sp", "dp2xtp2xzero3"],
     "none": ["dp2", "tp2", "zero3x4"],
     "none-cpu-fused": ["dp2", "zero3x4"],  # FSDP2 gathers whole blocks, so the fused kernels run under it
+    # SigLIP's ring on 4 ranks (the world size at which a reversed ring shows) with ZeRO-3, TP and PP; the gather
+    # exchange and both exchanges on 2 ranks are checked at the loss level in tests/distributed/losses.
+    "siglip-ring": ["zero3x4", "dp2xtp2", "dp2xpp2"],
 }
 FUSION_OVERRIDES = {
     "cross": [],
@@ -46,6 +49,11 @@ FUSION_OVERRIDES = {
     ],
 }
 FUSION_OVERRIDES["none-cpu-fused"] = [*FUSION_OVERRIDES["none"], "--model.cpu_fused_kernels=true"]
+FUSION_OVERRIDES["siglip-ring"] = [
+    "--train.loss_weights.contrastive=0",
+    "--train.loss_weights.siglip=1",
+    "--train.siglip_exchange=ring",
+]
 
 
 @pytest.mark.slow
@@ -91,3 +99,17 @@ def test_zero3_keeping_gathered_parameters_matches_the_reference(tmp_path):
     overrides = [*BASE, "--parallel.reshard_after_forward=false"]
     report = verify(TINY, overrides, ["zero3x2", "hsdp2x2"], STEPS, tmp_path, LOSS_RTOL, GRAD_RTOL)
     assert report.passed, format_table(report.comparisons, report.loss_rtol, report.grad_rtol)
+
+
+@pytest.mark.slow
+def test_locked_image_tower_matches_the_reference_in_every_engine(tmp_path, monkeypatch):
+    # LiT: the reference and every layout freeze the same parameters (bigmodel.models.locking), so both report
+    # gradients for the trainable ones only; a frozen parameter that gets a gradient in a layout, or a trainable one
+    # that gets none, is `missing` (or `zeroed`) and fails. Same arithmetic as unlocked, hence the fp32 tolerances.
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    overrides = [*BASE, "--train.lock_image=true", "--deepspeed.param_persistence_threshold=0"]
+    layouts = ["zero3x2", "tp2", "pp2", "ds-zero3x2"]  # one world size: one launch
+    report = verify(TINY, overrides, layouts, 5, tmp_path, LOSS_RTOL, GRAD_RTOL)
+    table = format_table(report.comparisons, report.loss_rtol, report.grad_rtol)
+    assert report.passed, table
+    assert not any(name.startswith("vision.") for name in report.reference.grads), "the image tower is frozen"

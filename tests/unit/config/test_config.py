@@ -82,6 +82,31 @@ BAD_OVERRIDES = [
     (["--model=3"], "model"),
     (["--model.image_size.x=3"], "model.image_size"),
     (["train.steps"], "--section.key=value"),
+    # The bad inputs for the objectives and training options (tiny.yaml: contrastive, itm, mlm on).
+    (["--train.loss_weights.siglip=1"], "set one of them to 0"),
+    (
+        ["--train.loss_weights.contrastive=0", "--train.loss_weights.siglip=1", "--train.siglip_exchange=ring"],
+        "train.siglip_exchange=gather",
+    ),
+    (["--train.siglip_exchange=bidir"], "train.siglip_exchange"),
+    (["--model.patch_dropout=1.0"], "model.patch_dropout"),
+    (["--train.accumulation=cached"], "is a no-op"),
+    (["--train.accumulation=cached", "--train.grad_accum=2", "--train.loss_weights.contrastive=0"], "naive"),
+    (["--train.accumulation=cached", "--train.grad_accum=2"], "not implemented yet"),
+    (["--model.patch_dropout=0.5"], "not implemented yet"),
+    (["--train.lock_text=true"], "train.loss_weights.mlm=0"),
+    (
+        [
+            "--train.lock_image=true",
+            "--train.lock_text=true",
+            "--train.loss_weights.itm=0",
+            "--train.loss_weights.mlm=0",
+        ],
+        "unlock one tower",
+    ),
+    (["--train.unlocked_blocks=1"], "no tower is locked"),
+    (["--train.lock_image=true", "--train.unlocked_blocks=2"], "locks nothing"),
+    (["--train.loss_weights.caption=1"], "model.text_causal=true"),
 ]
 
 

@@ -19,6 +19,7 @@ LAYOUTS = [
     ("merged", ("contrastive", "itm", "mlm")),
     ("cross", ("contrastive", "itm", "mlm")),
     ("cross", ("mlm",)),
+    ("cross", ("contrastive", "itm", "caption")),  # every caption position has a next token: TEXT_TOKENS - 1 scored
 ]
 
 
@@ -71,7 +72,7 @@ def measured_flops_per_sample(cfg: ModelConfig, objectives: tuple[str, ...]) -> 
         # The encoder calls each tower's pieces (embedding, blocks) directly, so sum the part's direct children.
         prefix = f"MultimodalEncoder.{part}."
         measured[part] = sum(n for name, n in per_module.items() if name.startswith(prefix) and name.count(".") == 2)
-    head_names = ("contrastive", "itm_head", "mlm_head")
+    head_names = ("contrastive", "itm_head", "mlm_head", "caption_head")
     measured["heads"] = sum(per_module.get(f"MultimodalEncoder.{name}", 0) for name in head_names)
     return {name: count // BATCH for name, count in measured.items()}
 
@@ -106,7 +107,7 @@ def test_count_parameters_matches_model(fusion: str, objectives: tuple[str, ...]
         "vision": size("vision"),
         "text": size("text"),
         "fusion": size("fusion"),
-        "heads": size("contrastive", "itm_head", "mlm_head"),
+        "heads": size("contrastive", "itm_head", "mlm_head", "caption_head"),
         "total": sum(p.numel() for p in model.parameters()),
     }
     assert count_parameters(cfg, objectives) == expected
