@@ -321,8 +321,8 @@ class MultimodalEncoder(nn.Module):
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings of the image and of every caption copy, plus the masks the later parts need.
 
-        State: image (B, 1 + N, Dv) (1 + K in training under patch dropout), text (T*B, L, Dt) for T caption copies, mask (B, L); same (B,) when ITM is on
-        (1.0 where the pair neighbour's caption is identical); selected (B, L) when MLM is on. Masks are float so
+        State: image (B, 1 + N, Dv) (1 + K in training under patch dropout), text (T*B, L, Dt) for T caption
+        copies, mask (B, L); same (B,) when ITM is on (1.0 where the pair neighbour's caption is identical); selected (B, L) when MLM is on. Masks are float so
         that every state entry can travel between pipeline stages.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]
