@@ -322,8 +322,9 @@ class MultimodalEncoder(nn.Module):
         """Embeddings of the image and of every caption copy, plus the masks the later parts need.
 
         State: image (B, 1 + N, Dv) (1 + K in training under patch dropout), text (T*B, L, Dt) for T caption
-        copies, mask (B, L); same (B,) when ITM is on (1.0 where the pair neighbour's caption is identical); selected (B, L) when MLM is on. Masks are float so
-        that every state entry can travel between pipeline stages.
+        copies, mask (B, L); same (B,) when ITM is on (1.0 where the pair neighbour's caption is identical);
+        selected (B, L) when MLM is on. Masks are float so that every state entry can travel between pipeline
+        stages.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         captions = [ids] if self.encodes_plain_text else []
