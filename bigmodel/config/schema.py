@@ -268,14 +268,14 @@ class TrainConfig:
     microbatch with its embedding gradient: exactly the loss and gradients of one large batch, with one
     microbatch's activation memory, for about one more forward pass)."""
     lock_image: bool = False
-    """Freeze the image tower (LiT): no gradient, no optimizer state, no weight decay; its top
-    train.unlocked_blocks blocks and its post-norm stay trainable when unlocked_blocks > 0."""
+    """Freeze the image tower and its contrastive projection (LiT): no gradient, no optimizer state, no weight
+    decay; its top train.unlocked_blocks blocks, post-norm and projection stay trainable when unlocked_blocks > 0."""
     lock_text: bool = False
-    """Freeze the text tower likewise (its top train.unlocked_blocks blocks and final norm stay trainable when
-    unlocked_blocks > 0)."""
+    """Freeze the text tower and its contrastive projection likewise (its top train.unlocked_blocks blocks, final
+    norm and projection stay trainable when unlocked_blocks > 0)."""
     unlocked_blocks: int = Field(0, ge=0)
-    """With train.lock_image or train.lock_text: how many of a locked tower's top blocks (and its final norm)
-    still train (0: the whole tower is frozen)."""
+    """With train.lock_image or train.lock_text: how many of a locked tower's top blocks (with its final norm and
+    projection) still train (0: the whole tower and its projection are frozen)."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in backward (less memory, about a third more compute)."""
     compile: bool = False

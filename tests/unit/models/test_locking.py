@@ -16,6 +16,7 @@ from bigmodel.losses import total_loss
 from bigmodel.models import build_model
 from bigmodel.models.locking import lock_towers
 from bigmodel.parallel.context import setup_parallel
+from bigmodel.tools.verify import Trace, compare
 from bigmodel.train.loop import split_microbatches
 
 TINY = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
@@ -81,3 +82,10 @@ def test_locking_a_tower_the_objective_trains_is_a_one_line_error():
     with pytest.raises(ConfigError, match=r"train\.lock_text=true freezes the text tower") as err:
         tiny("--train.lock_text=true")
     assert "\n" not in str(err.value)
+
+
+def test_verify_fails_a_layout_that_trains_a_frozen_parameter_or_freezes_a_trainable_one():
+    reference = Trace([1.0], {"text.w": torch.ones(2)})  # the reference with its image tower locked
+    for grads in ({"text.w": torch.ones(2), "vision.w": torch.ones(2)}, {}):
+        comparison = compare("dp2", reference, Trace([1.0], grads))
+        assert comparison.missing and not comparison.passed(1e-5, 1e-6), grads
