@@ -151,6 +151,11 @@ def check_accumulation(cfg: Config) -> None:
     t = cfg.train
     if t.accumulation != "cached":
         return
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            "train.accumulation=cached does not run with a pipeline (parallel.pp > 1): the schedule computes the loss "
+            "per microbatch; set parallel.pp=1 or train.accumulation=naive"
+        )
     if t.grad_accum == 1:
         raise ConfigError(
             "train.accumulation=cached with train.grad_accum=1 is a no-op (one microbatch is already the whole batch); "
@@ -160,11 +165,6 @@ def check_accumulation(cfg: Config) -> None:
         raise ConfigError(
             "train.accumulation=cached caches the contrastive or siglip embeddings, but both weights are 0; "
             "set train.accumulation=naive"
-        )
-    if cfg.parallel.pp > 1:
-        raise ConfigError(
-            "train.accumulation=cached does not run with a pipeline (parallel.pp > 1): the schedule computes the loss "
-            "per microbatch; set parallel.pp=1 or train.accumulation=naive"
         )
 
 
@@ -285,11 +285,6 @@ def refuse_unavailable(cfg: Config) -> None:
         raise ConfigError(
             f"model.patch_dropout={cfg.model.patch_dropout} is not implemented yet (the model does not drop patches); "
             "set model.patch_dropout=0"
-        )
-    if cfg.train.accumulation == "cached":
-        raise ConfigError(
-            "train.accumulation=cached is not implemented yet; set train.accumulation=naive (each microbatch's "
-            "contrastive loss sees that microbatch's negatives only)"
         )
     if p.microbatches != 1 and p.pp == 1:
         raise ConfigError(

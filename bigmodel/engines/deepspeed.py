@@ -30,8 +30,9 @@ from bigmodel.checkpoint.run import point_latest, step_folder
 from bigmodel.checkpoint.sharded import PendingSave, start_save
 from bigmodel.config.deepspeed import deepspeed_config
 from bigmodel.config.schema import Config
+from bigmodel.engines.accumulation import microbatch_losses
 from bigmodel.engines.base import Engine, StepStats
-from bigmodel.losses import active_objectives, total_loss
+from bigmodel.losses import active_objectives
 from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.env import DistEnv
@@ -105,8 +106,9 @@ class DeepSpeedEngine(Engine):
     def train_step(self, microbatches: Sequence[dict[str, torch.Tensor]], capture_grads: bool = False) -> StepStats:
         """One optimizer step over this rank's share of each microbatch; every rank calls it.
 
-        DeepSpeed divides each loss by the accumulation steps and steps the optimizer and the schedule after the
-        last microbatch; its gradient norm is taken before clipping, as the native engine reports it.
+        The losses come divided for accumulation (bigmodel.engines.accumulation, naive or cached), so DeepSpeed does
+        not divide them again; it steps the optimizer and the schedule after the last microbatch. Its gradient norm
+        is taken before clipping, as the native engine reports it.
         """
         if len(microbatches) != self.ds.gradient_accumulation_steps():
             raise ValueError(
@@ -114,16 +116,17 @@ class DeepSpeedEngine(Engine):
                 f"{self.ds.gradient_accumulation_steps()} (train.grad_accum)"
             )
         self.ds.train()
-        weights = self.cfg.train.loss_weights
-        sums: dict[str, torch.Tensor] = {}
+
+        def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self.ds({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+
+        logged: dict[str, torch.Tensor] = {}
         grads: dict[str, torch.Tensor] = {}
         norm = None
         lr = self.ds.get_lr()[0]
-        for i, batch in enumerate(microbatches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            outputs = self.ds(batch)
-            loss, parts = total_loss(outputs, weights, self.ctx.dp_group, self.cfg.train.siglip_exchange)
-            self.ds.backward(loss)
+        losses = microbatch_losses(forward, microbatches, self.cfg.train, self.ctx.dp_group, self.device, logged)
+        for i, loss in enumerate(losses):
+            self.ds.backward(loss, scale_wrt_gas=False)  # already divided as the accumulation needs
             if i == len(microbatches) - 1:
                 if capture_grads:
                     grads = self.full_gradients()
@@ -135,11 +138,9 @@ class DeepSpeedEngine(Engine):
                         [p.grad for p in self.model.parameters() if p.grad is not None]
                     )
             self.ds.step()
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                sums[name] = sums.get(name, 0.0) + value.float()
         if self.memory is None:
             self.memory = self.model_state_bytes() | {"grads": grad_bytes}
-        means = self.mean_over_data_parallel(sums, len(microbatches))
+        means = self.mean_over_data_parallel(logged, 1)
         grad_norm = norm if not self.ds.zero_optimization() else self.ds.get_global_grad_norm()
         return StepStats(
             loss=means.pop("loss"),

@@ -21,6 +21,7 @@ from bigmodel.checkpoint.records import pack_hyperparameters, unpack_hyperparame
 from bigmodel.checkpoint.run import save_checkpoint
 from bigmodel.checkpoint.sharded import PendingSave, load_sharded
 from bigmodel.config.schema import Config
+from bigmodel.engines.accumulation import microbatch_losses
 from bigmodel.engines.base import Engine, StepStats
 from bigmodel.engines.state import (
     IMPLEMENTATION_KEYS,
@@ -29,7 +30,7 @@ from bigmodel.engines.state import (
     model_state,
     parts_optimizer_state,
 )
-from bigmodel.losses import active_objectives, total_loss
+from bigmodel.losses import active_objectives
 from bigmodel.optim import build_optimizer, build_scheduler
 from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.data_parallel import ZeroOptimizer
@@ -77,21 +78,20 @@ class NativeEngine(Engine):
         ranks, before clipping), a collective meant for verification on small models.
         """
         self.model.train()
-        weights = self.cfg.train.loss_weights
-        sums: dict[str, torch.Tensor] = {}
-        for batch in microbatches:
+
+        def forward(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            # Vocab-parallel cross-entropy needs forward, loss and backward inside loss_parallel.
-            with loss_context(self.ctx.dims.tp > 1):
-                with self.autocast():
-                    outputs = self.model(batch)
-                loss, parts = total_loss(outputs, weights, self.ctx.dp_group, self.cfg.train.siglip_exchange)
-                (loss / len(microbatches)).backward()
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                value = value.full_tensor() if isinstance(value, DTensor) else value
-                sums[name] = sums.get(name, 0.0) + value.float()
-        means = self.mean_over_data_parallel(sums, len(microbatches))
-        return self.optimizer_step(means, capture_grads)
+            with self.autocast():
+                return self.model(batch)
+
+        logged: dict[str, torch.Tensor] = {}
+        # Vocab-parallel cross-entropy needs forward, loss and backward inside loss_parallel.
+        with loss_context(self.ctx.dims.tp > 1):
+            for loss in microbatch_losses(
+                forward, microbatches, self.cfg.train, self.ctx.dp_group, self.device, logged
+            ):
+                loss.backward()
+        return self.optimizer_step(self.mean_over_data_parallel(logged, 1), capture_grads)
 
     def model_parts(self) -> list[nn.Module]:
         """The modules this rank trains (one here; a pipeline rank may hold several stages)."""

@@ -1,6 +1,7 @@
 """Layout equivalence: train a few steps in parallel layouts and compare with the single-process reference.
 
-The reference is the same model, seed and global batch on one process. A layout passes when its per-step losses
+The reference is the same model, seed and global batch on one process, with the same microbatches (one batch
+for a layout under cached accumulation: `reference_overrides`). A layout passes when its per-step losses
 agree within `loss_rtol` (relative) and its first-step gradients within `grad_rtol` (per element, relative to the
 model's largest gradient element).
 
@@ -174,6 +175,15 @@ ONE_PROCESS_OVERRIDES = ["--train.siglip_exchange=gather"]
 local loss."""
 
 
+def reference_overrides(cfg: Config) -> tuple[str, ...]:
+    """What the single-process reference of a layout running `cfg` changes: it accumulates the same microbatches
+    (train.grad_accum's, or a pipeline's), except under cached accumulation, whose claim is one batch of the whole
+    step: its reference is grad_accum=1."""
+    if cfg.train.accumulation == "cached":
+        return ("--train.accumulation=naive", "--train.grad_accum=1")
+    return (f"--train.grad_accum={microbatches_per_step(cfg)}",)
+
+
 @dataclass
 class VerifyReport:
     """The reference trace, each layout's trace and comparison, and the tolerances applied."""
@@ -213,20 +223,19 @@ def verify(
     loss_rtol = default_loss if loss_rtol is None else loss_rtol
     grad_rtol = default_grad if grad_rtol is None else grad_rtol
     by_world: dict[int, list[str]] = {}
-    accumulation: dict[str, int] = {}
+    reference_of: dict[str, tuple[str, ...]] = {}
     for layout in layouts:
         cfg = load_config(config, [*overrides, *layout_overrides(layout)])
         world = layout_world_size(cfg)
         ParallelDims.from_config(cfg).validate(world, cfg)
         by_world.setdefault(world, []).append(layout)
-        accumulation[layout] = microbatches_per_step(cfg)
+        reference_of[layout] = reference_overrides(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    # A pipeline's reference accumulates gradients over the same microbatches on one process.
     references = {}
-    for count in sorted(set(accumulation.values()) | {base.train.grad_accum}):
-        ref_cfg = load_config(config, [*overrides, *ONE_PROCESS_OVERRIDES, f"--train.grad_accum={count}"])
-        references[count] = run_trace(ref_cfg, setup_parallel(ref_cfg), steps)
-    reference = references[base.train.grad_accum]
+    for changes in sorted(set(reference_of.values()) | {reference_overrides(base)}):
+        ref_cfg = load_config(config, [*overrides, *ONE_PROCESS_OVERRIDES, *changes])
+        references[changes] = run_trace(ref_cfg, setup_parallel(ref_cfg), steps)
+    reference = references[reference_overrides(base)]
     for world, group in sorted(by_world.items()):
         args = ["--config", config, "--layouts", ",".join(group), "--steps", str(steps), "--out", str(workdir)]
         cmd = torchrun_command(TorchrunSpec(world), [*args, *overrides], module="bigmodel.tools.verify")
@@ -238,7 +247,7 @@ def verify(
     for layout in layouts:
         saved = torch.load(workdir / f"{layout}.pt", weights_only=True)
         traces[layout] = Trace(saved["losses"], saved["grads"])
-    comparisons = [compare(layout, references[accumulation[layout]], trace) for layout, trace in traces.items()]
+    comparisons = [compare(layout, references[reference_of[layout]], trace) for layout, trace in traces.items()]
     return VerifyReport(reference, traces, comparisons, loss_rtol, grad_rtol)
 
 
