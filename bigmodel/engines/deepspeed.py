@@ -164,8 +164,8 @@ class DeepSpeedEngine(Engine):
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Whole fp32 parameters by name (the optimizer's master copy under ZeRO; a collective at stage 3)."""
+        from deepspeed.runtime.zero import GatheredParameters
         from deepspeed.utils import safe_get_full_fp32_param
-        from deepspeed.zero import GatheredParameters
 
         full = {}
         for name, param in self.model.named_parameters():
