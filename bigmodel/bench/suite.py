@@ -22,6 +22,7 @@ BENCHES: dict[str, str] = {
     "pipeline": "(i) pipeline idle fraction vs theory",
     "data": "(j) data loader vs a plain decode loop (local, S3), worker scaling, indexed start-up",
     "siglip": "(k) SigLIP loss memory per rank, ring vs gather exchange",
+    "patch_dropout": "(l) training step time at model.patch_dropout=0.5 vs 0",
 }
 
 
@@ -63,6 +64,10 @@ def _runner(name: str, quick: bool, precisions: tuple[str, ...]) -> Callable[[],
         from bigmodel.bench.siglip import siglip_memory
 
         return lambda: siglip_memory(quick)
+    if name == "patch_dropout":
+        from bigmodel.bench.patch_dropout import patch_dropout_speed
+
+        return lambda: patch_dropout_speed(quick)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
 
 

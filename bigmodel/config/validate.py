@@ -281,11 +281,6 @@ def check_transform(cfg: Config) -> None:
 def refuse_unavailable(cfg: Config) -> None:
     """Refuse values whose implementation has not landed yet, rather than silently ignoring them."""
     p = cfg.parallel
-    if cfg.model.patch_dropout > 0:
-        raise ConfigError(
-            f"model.patch_dropout={cfg.model.patch_dropout} is not implemented yet (the model does not drop patches); "
-            "set model.patch_dropout=0"
-        )
     if p.microbatches != 1 and p.pp == 1:
         raise ConfigError(
             f"parallel.microbatches={p.microbatches} applies to pipelines (parallel.pp > 1); "

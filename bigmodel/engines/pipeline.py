@@ -30,7 +30,7 @@ from bigmodel.parallel.context import ParallelContext
 from bigmodel.parallel.data_parallel import ZeroOptimizer
 from bigmodel.parallel.grad_norm import clip_grad_norm_
 from bigmodel.parallel.parallelize import parallelize_module_parts
-from bigmodel.parallel.pipeline import INPUT_KEYS, PipelineStageModel, plan_stages, stages_per_rank
+from bigmodel.parallel.pipeline import PipelineStageModel, plan_stages, stages_per_rank
 from bigmodel.parallel.tensor_parallel import loss_context
 
 SCHEDULES = {
@@ -170,7 +170,8 @@ class PipelineEngine(NativeEngine):
     def run_schedule(self, batch: dict[str, torch.Tensor], train: bool) -> Any:
         """One pass of the schedule over `batch` (this rank's share; split into parallel.microbatches)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        args = [batch[k] for k in INPUT_KEYS] if self.is_first else []
+        first = next((m for m in self.stage_modules if m.plan.embed), None)
+        args = [batch[k] for k in first.input_keys()] if first is not None else []
         target = self.loss_target(batch) if self.is_last else None
         with loss_context(self.ctx.dims.tp > 1):
             if train:

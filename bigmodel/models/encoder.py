@@ -50,6 +50,14 @@ def kept_patches(cfg: ModelConfig) -> int:
     return max(1, int((cfg.image_size // cfg.patch_size) ** 2 * (1 - cfg.patch_dropout)))
 
 
+def image_tokens(cfg: ModelConfig, training: bool = False) -> int:
+    """Tokens per image through the vision blocks and the fusion's image context: the class token and every patch,
+    or in training under patch dropout the class token and the K kept patches."""
+    if training and cfg.patch_dropout > 0:
+        return 1 + kept_patches(cfg)
+    return (cfg.image_size // cfg.patch_size) ** 2 + 1
+
+
 class VisionTower(nn.Module):
     """ViT: patch embedding, class token, learned positions, pre-LN blocks; outputs every token, normalised.
 

@@ -11,7 +11,7 @@ from collections.abc import Collection
 import torch
 
 from bigmodel.config.schema import ModelConfig
-from bigmodel.models.encoder import DEFAULT_OBJECTIVES, OBJECTIVES, MultimodalEncoder
+from bigmodel.models.encoder import DEFAULT_OBJECTIVES, OBJECTIVES, MultimodalEncoder, image_tokens
 
 PARTS = ("vision", "text", "fusion", "heads")
 
@@ -54,19 +54,20 @@ def _block(tokens: int, width: int, mlp_dim: int, context: int = 0) -> int:
     return flops + _linear(tokens, width, mlp_dim) + _linear(tokens, mlp_dim, width)
 
 
-def _vision_forward(cfg: ModelConfig) -> int:
+def _vision_forward(cfg: ModelConfig, image: int) -> int:
+    """The patch embedding (on every patch) and the blocks on `image` tokens."""
     patches = (cfg.image_size // cfg.patch_size) ** 2
     patch_embedding = _linear(patches, cfg.channels * cfg.patch_size**2, cfg.vision_width)
-    return patch_embedding + cfg.vision_layers * _block(patches + 1, cfg.vision_width, cfg.vision_mlp_dim)
+    return patch_embedding + cfg.vision_layers * _block(image, cfg.vision_width, cfg.vision_mlp_dim)
 
 
 def _text_forward(cfg: ModelConfig, tokens: int) -> int:
     return cfg.text_layers * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
 
 
-def _fusion_forward(cfg: ModelConfig, text_tokens: int, rows: int) -> int:
-    """Fusing `rows` captions with one sample's image: the image is projected once, the blocks run per row."""
-    image_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+def _fusion_forward(cfg: ModelConfig, text_tokens: int, rows: int, image: int) -> int:
+    """Fusing `rows` captions with one sample's `image` tokens: the image is projected once, the blocks run per row."""
+    image_tokens = image
     image_proj = _linear(image_tokens, cfg.vision_width, cfg.text_width)
     if cfg.fusion == "merged":
         block = _block(text_tokens + image_tokens, cfg.text_width, cfg.text_mlp_dim)
@@ -83,8 +84,10 @@ def flops_per_sample(
 ) -> dict[str, float]:
     """Matmul and attention FLOPs of one sample through MultimodalEncoder(cfg, objectives).forward.
 
-    Returns the forward FLOPs per part (vision, text, fusion, heads), their sum `forward`, and `train` = 3 x forward
-    (the backward pass computes gradients for activations and for weights, each costing about one forward).
+    Returns the forward FLOPs per part (vision, text, fusion, heads), their sum `forward`, and `train` = 3 x the
+    training forward (the backward pass computes gradients for activations and for weights, each costing about one
+    forward). The two forwards differ under patch dropout: training runs the vision blocks and the fusion's image
+    context on the kept patches (`image_tokens(cfg, training=True)`), the parts and `forward` count every patch.
 
     text_tokens: caption length the text tower runs on (padding included; default cfg.context_length).
     masked_tokens: positions per caption the MLM head runs on; default the expected count
@@ -115,14 +118,18 @@ def flops_per_sample(
         heads += masked * (_linear(1, width, width) + _linear(1, width, cfg.vocab_size))
     if "caption" in objectives:
         heads += (tokens - 1) * _linear(1, width, cfg.vocab_size)
-    flops = {
-        "vision": _vision_forward(cfg),
-        "text": text_runs * _text_forward(cfg, tokens),
-        "fusion": _fusion_forward(cfg, tokens, fusion_runs) if fusion_runs else 0,
-        "heads": heads,
-    }
+
+    def parts(image: int) -> dict[str, float]:
+        return {
+            "vision": _vision_forward(cfg, image),
+            "text": text_runs * _text_forward(cfg, tokens),
+            "fusion": _fusion_forward(cfg, tokens, fusion_runs, image) if fusion_runs else 0,
+            "heads": heads,
+        }
+
+    flops = parts(image_tokens(cfg))
     flops["forward"] = sum(flops.values())
-    flops["train"] = 3 * flops["forward"]
+    flops["train"] = 3 * sum(parts(image_tokens(cfg, training=True)).values())
     return flops
 
 
@@ -147,14 +154,15 @@ def _fused_rows(objectives: Collection[str]) -> int:
 
 def flops_per_block(cfg: ModelConfig, objectives: Collection[str], stack: str, text_tokens: int | None = None) -> float:
     """Forward FLOPs per sample of one block of `stack` ("vision", "text" or "fusion"), as the forward runs it:
-    text blocks once per caption copy, fusion blocks once per fused row (the pipeline balances stages with this)."""
+    text blocks once per caption copy, fusion blocks once per fused row, on the image tokens training sees (the
+    pipeline balances stages with this)."""
     tokens = cfg.context_length if text_tokens is None else text_tokens
-    image_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    image = image_tokens(cfg, training=True)
     if stack == "vision":
-        return _block(image_tokens, cfg.vision_width, cfg.vision_mlp_dim)
+        return _block(image, cfg.vision_width, cfg.vision_mlp_dim)
     if stack == "text":
         return _text_copies(objectives) * _block(tokens, cfg.text_width, cfg.text_mlp_dim)
     rows = _fused_rows(objectives)
     if cfg.fusion == "merged":
-        return rows * _block(tokens + image_tokens, cfg.text_width, cfg.text_mlp_dim)
-    return rows * _block(tokens, cfg.text_width, cfg.text_mlp_dim, context=image_tokens)
+        return rows * _block(tokens + image, cfg.text_width, cfg.text_mlp_dim)
+    return rows * _block(tokens, cfg.text_width, cfg.text_mlp_dim, context=image)

@@ -29,7 +29,8 @@ from bigmodel.models.encoder import MultimodalEncoder
 from bigmodel.models.flops import flops_per_block
 
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
-"""What the first stage receives: the batch, chunked into microbatches by the schedule."""
+"""What the first stage receives: the batch, chunked into microbatches by the schedule (in training under patch
+dropout also patch_keep, see PipelineStageModel.input_keys)."""
 TOWER_KEYS = ("image", "text", "mask", "same", "selected")
 """The state between stages before the join (those present for the model's objectives, in this order)."""
 JOINED_KEYS = (
@@ -174,7 +175,8 @@ class PipelineStageModel(MultimodalEncoder):
     def input_keys(self) -> tuple[str, ...]:
         """Names of the tensors this stage receives, in order."""
         if self.plan.embed:
-            return INPUT_KEYS
+            # Patch dropout's keep sets exist in training batches only; evaluation sees every patch.
+            return INPUT_KEYS + (("patch_keep",) if self.training and self.cfg.patch_dropout > 0 else ())
         return self._present(JOINED_KEYS if self.plan.after_join else TOWER_KEYS)
 
     def output_keys(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from bigmodel.config.errors import ConfigError
 from bigmodel.config.schema import Config, ModelConfig
 from bigmodel.config.validate import check_batch, check_fused_kernels
 from bigmodel.losses import active_objectives
-from bigmodel.models.encoder import MultimodalEncoder
+from bigmodel.models.encoder import MultimodalEncoder, image_tokens
 from bigmodel.models.flops import flops_per_block, flops_per_sample
 from bigmodel.parallel.dims import ParallelDims
 from bigmodel.parallel.memory import zero_theory_bytes
@@ -289,7 +289,7 @@ class Shapes:
     @classmethod
     def of(cls, cfg: Config, objectives: Collection[str]) -> Shapes:
         m = cfg.model
-        image = (m.image_size // m.patch_size) ** 2 + 1
+        image = image_tokens(m, training=True)  # the planner sizes training steps
         copies = int(bool({"contrastive", "siglip", "itm", "caption"} & set(objectives))) + int("mlm" in objectives)
         rows = 2 * int("itm" in objectives) + int("mlm" in objectives) + int("caption" in objectives)
         cross = m.fusion == "cross"

@@ -34,7 +34,8 @@ SUITES = {
     "none": ["dp2", "tp2", "zero3x4"],
     "none-cpu-fused": ["dp2", "zero3x4"],  # FSDP2 gathers whole blocks, so the fused kernels run under it
     # SigLIP's ring on 4 ranks (the world size at which a reversed ring shows) with ZeRO-3, TP and PP; the gather
-    # exchange and both exchanges on 2 ranks are checked at the loss level in tests/distributed/losses.
+    # exchange and both exchanges on 2 ranks are checked at the loss level in tests/distributed/losses. Patch
+    # dropout rides along (one launch for both): every layout must drop the same patches of the same samples.
     "siglip-ring": ["zero3x4", "dp2xtp2", "dp2xpp2"],
 }
 FUSION_OVERRIDES = {
@@ -53,6 +54,7 @@ FUSION_OVERRIDES["siglip-ring"] = [
     "--train.loss_weights.contrastive=0",
     "--train.loss_weights.siglip=1",
     "--train.siglip_exchange=ring",
+    "--model.patch_dropout=0.5",
 ]
 
 

@@ -28,7 +28,7 @@ def sane(figure: dict) -> None:
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    summary = run_suite(out, ["trainer", "clip", "checkpoint"], quick=True, progress=lambda _: None)
+    summary = run_suite(out, ["trainer", "clip", "checkpoint", "patch_dropout"], quick=True, progress=lambda _: None)
     return out, summary
 
 
@@ -50,6 +50,7 @@ def test_single_process_benches_write_their_figures(suite):
         "cpu_fused_vs_plain_bf16",
         "checkpoint_save",
         "checkpoint_load",
+        "patch_dropout_step_time",
     }
     for name in names:
         sane(json.loads((out / f"{name}.json").read_text()))

@@ -93,7 +93,6 @@ BAD_OVERRIDES = [
     (["--train.accumulation=cached"], "is a no-op"),
     (["--train.accumulation=cached", "--train.grad_accum=2", "--train.loss_weights.contrastive=0"], "naive"),
     (["--train.accumulation=cached", "--parallel.pp=2", "--parallel.microbatches=2"], "parallel.pp=1"),
-    (["--model.patch_dropout=0.5"], "not implemented yet"),
     (["--train.lock_text=true"], "train.loss_weights.mlm=0"),
     (
         [
