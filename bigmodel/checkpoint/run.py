@@ -8,14 +8,18 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from bigmodel.checkpoint.io import Purger, remove_folder
 from bigmodel.checkpoint.manifest import MANIFEST_FILE, read_manifest
 from bigmodel.checkpoint.sharded import Checkpointable, PendingSave, save_sharded
-from bigmodel.config.schema import KERNEL_FIELDS, ModelConfig
+from bigmodel.config.schema import KERNEL_FIELDS, ModelConfig, TrainConfig
+from bigmodel.models.encoder import MultimodalEncoder
+from bigmodel.models.locking import is_frozen
 
 LATEST_FILE = "latest"
 
@@ -113,4 +117,28 @@ def check_same_model(path: Path, model: dict[str, Any], objectives: tuple[str, .
         raise ValueError(
             f"checkpoint {path} trained the heads {saved_objectives}, this config {objectives}; set the same "
             "train.loss_weights (a weight of 0 drops a head)"
+        )
+
+
+LOCK_FIELDS = ("lock_image", "lock_text", "unlocked_blocks")
+
+
+def check_same_locks(path: Path, model: ModelConfig, objectives: tuple[str, ...], train: TrainConfig) -> None:
+    """ValueError (one line) if a parameter that the checkpoint's run froze (train.lock_image, lock_text,
+    unlocked_blocks) trains in this one: the checkpoint holds no optimizer state for it. Freezing more than the
+    saved run did resumes (the extra optimizer state is not read)."""
+    saved = read_manifest(path, "extra")["extra"].get("config")
+    if saved is None:
+        return
+    defaults = dataclasses.asdict(TrainConfig())
+    there = SimpleNamespace(**{k: saved["train"].get(k, defaults[k]) for k in LOCK_FIELDS})
+    with torch.device("meta"):
+        names = [name for name, _ in MultimodalEncoder(model, objectives).named_parameters()]
+    unfrozen = [n for n in names if is_frozen(n, model, there) and not is_frozen(n, model, train)]
+    if unfrozen:
+        was = " ".join(f"train.{k}={getattr(there, k)}" for k in LOCK_FIELDS)
+        raise ValueError(
+            f"checkpoint {path} was saved with {was}, so it holds no optimizer state for {unfrozen[0]} "
+            f"(and {len(unfrozen) - 1} more parameters) that this run trains; resume with the same train.lock_image, "
+            "train.lock_text and train.unlocked_blocks"
         )

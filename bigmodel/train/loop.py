@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from bigmodel.checkpoint.io import Purger
 from bigmodel.checkpoint.manifest import require_fields, verify_checkpoint
-from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, step_folder
+from bigmodel.checkpoint.run import check_same_locks, check_same_model, find_resume_checkpoint, step_folder
 from bigmodel.checkpoint.sharded import PendingSave
 from bigmodel.config import Config, config_to_dict, save_config
 from bigmodel.config.validate import microbatches_per_step
@@ -203,6 +203,7 @@ class Trainer:
         checked = verify_checkpoint(path)
         objectives = active_objectives(self.cfg.train.loss_weights)
         check_same_model(path, config_to_dict(self.cfg)["model"], objectives)
+        check_same_locks(path, self.cfg.model, objectives, self.cfg.train)
         extra = require_fields(self.engine.load_checkpoint(path, checked), RESUME_FIELDS, f"{path}'s manifest extra")
         note = self.loader.load_state_dict(extra["loader"])
         if note and self.ctx.is_main:

@@ -16,7 +16,7 @@ CAPTION = [
     "--train.loss_weights.caption=1",
     "--log.wandb=disabled",
 ]
-LAYOUTS = ["dp2", "tp2", "pp2"]  # one world size: one torchrun launch
+LAYOUTS = ["dp2", "tp2", "pp2", "ds-zero2x2"]  # one world size
 STEPS = 10
 # fp32: the layouts differ from the reference only in summation order (verify.TOLERANCES): a few ulps, ~1e-7
 # relative; a wrong causal mask, label shift or missing reduction moves the losses by >= 1e-3.

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bigmodel.checkpoint.run import check_same_model, find_resume_checkpoint, resolve_checkpoint
-from bigmodel.config.schema import ModelConfig
+from bigmodel.checkpoint.run import check_same_locks, check_same_model, find_resume_checkpoint, resolve_checkpoint
+from bigmodel.config.schema import ModelConfig, TrainConfig
 
 
 def make(root, name, complete=True):
@@ -82,10 +82,11 @@ def test_a_share_is_checked_alone(tmp_path):
         verify_manifest(folder, ["d"])
 
 
-def saved_with(root, model: dict):
-    """A checkpoint folder whose manifest records `model` as its config's model section (what a trainer writes)."""
+def saved_with(root, model: dict, **train):
+    """A checkpoint folder whose manifest records `model` as its config's model section and `train` in its train
+    section (what a trainer writes)."""
     folder = make(root, "step_00000002")
-    config = {"model": model, "train": {"loss_weights": {"contrastive": 1.0, "itm": 0.0, "mlm": 0.0}}}
+    config = {"model": model, "train": {"loss_weights": {"contrastive": 1.0, "itm": 0.0, "mlm": 0.0}, **train}}
     (folder / "manifest.json").write_text(json.dumps({"step": 2, "extra": {"config": config}}))
     return folder
 
@@ -104,3 +105,19 @@ def test_the_kernel_choice_is_not_a_different_model_but_the_width_is(tmp_path):
         check_same_model(folder, model | {"text_width": 48}, ("contrastive",))
     with pytest.raises(ValueError, match="trained the heads"):
         check_same_model(folder, model, ("contrastive", "itm"))
+
+
+def test_a_locked_checkpoint_resumes_only_as_locked_or_more(tmp_path):
+    model = ModelConfig(fusion="none", fusion_layers=0)
+    objectives = ("contrastive",)
+    folder = saved_with(tmp_path, dataclasses.asdict(model), lock_image=True, unlocked_blocks=1)
+    same = TrainConfig(lock_image=True, unlocked_blocks=1)
+    check_same_locks(folder, model, objectives, same)
+    # Freezing more than the saved run did needs nothing the checkpoint lacks.
+    check_same_locks(folder, model, objectives, TrainConfig(lock_image=True, lock_text=True, unlocked_blocks=1))
+    # Training a parameter that was frozen needs its optimizer state, which the checkpoint does not hold.
+    for unlocked in (TrainConfig(), TrainConfig(lock_image=True, unlocked_blocks=2)):
+        with pytest.raises(ValueError, match=r"train.lock_image=True .* no optimizer state for vision\."):
+            check_same_locks(folder, model, objectives, unlocked)
+    # A checkpoint saved before the lock fields existed was unlocked.
+    check_same_locks(saved_with(tmp_path / "old", dataclasses.asdict(model)), model, objectives, TrainConfig())
