@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 	$(BIN)/bigmodel launch --nproc 4 --config configs/quickstart.yaml --parallel.dp_shard=2 --parallel.tp=2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

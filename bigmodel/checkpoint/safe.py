@@ -250,13 +250,26 @@ def _whole_chunk_read(fqn: str, stored: Any, obj: Any) -> ReadItem | None:
     return None
 
 
+SINGLE_PROCESS_NOTICE = "torch.distributed is .*assuming the intent is to .* in a single process"
+"""torch's warning that DCP, without a process group, assumes a single process: torch 2.13 gives it even where the
+caller passes no_dist=True, and a one-process save or resume is meant, not something the user must hear about."""
+
+
+def silence_single_process_notice() -> None:
+    """Ignore SINGLE_PROCESS_NOTICE process-wide (done once at import). A scoped filter is not enough: an async save
+    gives the warning from DCP's writer thread, after the block that started it has ended."""
+    warnings.filterwarnings("ignore", SINGLE_PROCESS_NOTICE)
+
+
+silence_single_process_notice()
+
+
 @contextlib.contextmanager
 def single_process() -> Iterator[bool]:
-    """Whether DCP runs without a process group here (`no_dist`), with torch's warning that it then assumes a single
-    process silenced for the block: torch 2.13 gives it even where the caller passes no_dist=True, and a one-process
-    save or resume is meant, not something the user must hear about."""
+    """Whether DCP runs without a process group here (`no_dist`), with SINGLE_PROCESS_NOTICE silenced for the block
+    also where the caller's warning filters (set after import) would show it."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is .*assuming the intent is to .* in a single process")
+        warnings.filterwarnings("ignore", SINGLE_PROCESS_NOTICE)
         yield not dist.is_initialized()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,16 +13,11 @@ import pytest
 from bigmodel.config import load_config
 from bigmodel.parallel.memory import zero_theory_bytes
 from bigmodel.train.loop import train
+from tests.support.cli import bigmodel
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 COMMON = ["--train.steps=6", "--log.every=1", "--log.progress=false", "--log.wandb=disabled"]
-
-
-def bigmodel(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bigmodel.cli.main", *args], cwd=ROOT, capture_output=True, text=True, env=env
-    )
 
 
 def build_model_params():

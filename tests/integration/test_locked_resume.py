@@ -5,14 +5,13 @@ DeepSpeed engine, it resumes in its layout; resuming it with the tower unlocked 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bigmodel.config import load_config
 from bigmodel.train.loop import train
+from tests.support.cli import bigmodel
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -24,10 +23,6 @@ COMMON = [
     "--log.progress=false",
     "--log.wandb=disabled",
 ]
-
-
-def bigmodel(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bigmodel.cli.main", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def losses(run: Path) -> list[float]:
