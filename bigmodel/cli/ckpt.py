@@ -94,6 +94,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     imp.set_defaults(func=run_import_hf)
 
+    imp_oc = commands.add_parser(
+        "import-openclip",
+        help="an OpenCLIP model config JSON and its weights as a bigmodel run with a step-0 checkpoint",
+    )
+    imp_oc.add_argument(
+        "model_config", help="an OpenCLIP model config (open_clip/model_configs/*.json or an open_clip_config.json)"
+    )
+    imp_oc.add_argument("weights", help="the weights: .safetensors, or a state dict saved with torch.save")
+    imp_oc.add_argument("out", help="a new run directory; the tokenizer is kept in OUT/tokenizer")
+    imp_oc.add_argument(
+        "--tokenizer",
+        default="builtin",
+        help="a data.tokenizer value: the model's tokenizer.json or vocab.json + merges.txt folder (default builtin, "
+        "which fits no OpenCLIP model)",
+    )
+    imp_oc.set_defaults(func=run_import_openclip)
+
+    export_oc = commands.add_parser(
+        "export-openclip",
+        help="an OpenCLIP folder (fusion none, contrastive) that open_clip.create_model_and_transforms"
+        "('local-dir:OUT') loads",
+    )
+    export_oc.add_argument("path", help=CHECKPOINT_HELP)
+    export_oc.add_argument(
+        "out", help="directory to write open_clip_config.json, open_clip_model.safetensors and the tokenizer to"
+    )
+    export_oc.set_defaults(func=run_export_openclip)
+
 
 def run_inspect(args: argparse.Namespace) -> int:
     from bigmodel.checkpoint.tools import inspect_checkpoint
@@ -148,6 +176,20 @@ def run_import_hf(args: argparse.Namespace) -> int:
     from bigmodel.hf.convert import import_hf
 
     print(f"wrote {import_hf(args.hf_dir, args.out, args.tokenizer)}")
+    return 0
+
+
+def run_import_openclip(args: argparse.Namespace) -> int:
+    from bigmodel.hf.openclip import import_openclip
+
+    print(f"wrote {import_openclip(args.model_config, args.weights, args.out, args.tokenizer)}")
+    return 0
+
+
+def run_export_openclip(args: argparse.Namespace) -> int:
+    from bigmodel.hf.openclip import export_openclip
+
+    print(f"wrote {export_openclip(args.path, args.out)}")
     return 0
 
 

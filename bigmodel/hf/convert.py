@@ -8,6 +8,7 @@ export_hf streams the checkpoint's tensors one at a time; import_hf holds the wh
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from bigmodel.checkpoint.manifest import verify_manifest
 from bigmodel.checkpoint.run import resolve_checkpoint
 from bigmodel.checkpoint.tools import ModelTensors, SafetensorsEntry, saved_config, write_safetensors
-from bigmodel.config.schema import Config
+from bigmodel.config.schema import Config, ModelConfig
 from bigmodel.data.tokenizer import CaptionTokenizer, holds_tokenizer, load_tokenizer
 from bigmodel.hf.clip import (
     bigmodel_key,
@@ -153,11 +154,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None)
     """
     from transformers import CLIPModel
 
-    from bigmodel.config.load import config_from_dict, config_to_dict, save_config
-    from bigmodel.data import build_train_loader
-    from bigmodel.engines.native import NativeEngine
-    from bigmodel.parallel.context import setup_parallel
-
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} is not a transformers model directory (no config.json)")
@@ -169,22 +165,41 @@ def import_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | None = None)
     if tokenizer is None:
         tokenizer = str(hf_dir) if holds_tokenizer(hf_dir) else "builtin"
     kept = _checked_import_tokenizer(tokenizer, clip.config, model.vocab_size)
-    save_tokenizer(kept, out / TOKENIZER_DIR, model.context_length)
+    return save_imported_run(model, clip_to_bigmodel_state_dict(clip.state_dict()), kept, out, str(hf_dir))
+
+
+def save_imported_run(
+    model: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    tokenizer: CaptionTokenizer,
+    out: Path,
+    source: str,
+    data: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the run directory `out` of an imported dual encoder (fusion none, contrastive only): config.yaml (the
+    defaults with `model`, the tokenizer, the contrastive objective and the `data` fields given), the tokenizer
+    in out/tokenizer and a step-0 checkpoint of `state_dict` (strictly loaded). Returns the checkpoint."""
+    from bigmodel.config.load import config_from_dict, config_to_dict, save_config
+    from bigmodel.data import build_train_loader
+    from bigmodel.engines.native import NativeEngine
+    from bigmodel.parallel.context import setup_parallel
+
+    save_tokenizer(tokenizer, out / TOKENIZER_DIR, model.context_length)
     cfg = config_from_dict(
         {
             "model": dataclasses.asdict(model),
-            "data": {"tokenizer": str((out / TOKENIZER_DIR).absolute())},
+            "data": {**(data or {}), "tokenizer": str((out / TOKENIZER_DIR).absolute())},
             "train": {"out_dir": str(out), "loss_weights": {"contrastive": 1.0, "itm": 0.0, "mlm": 0.0}},
         }
     )
     engine = NativeEngine(cfg, setup_parallel(cfg))
-    engine.model.load_state_dict(clip_to_bigmodel_state_dict(clip.state_dict()))
+    engine.model.load_state_dict(state_dict)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     extra = {
         "samples_seen": 0,
         "loader": build_train_loader(cfg).state_dict(),
         "config": config_to_dict(cfg),
-        "imported_from": str(hf_dir),
+        "imported_from": source,
     }
     return engine.save_checkpoint(out, 0, extra, keep=1).path
