@@ -19,7 +19,7 @@ LAYERS = (
     ("checkpoint",),
     ("engines",),
     ("train", "hf", "finetune", "launch"),
-    ("tools",),
+    ("tools", "eval"),
     ("bench",),
     ("cli",),
 )
