@@ -48,6 +48,17 @@ _OPENCLIP_EPS = 1e-5  # open_clip's LayerNorm default, used where a tower's norm
 _OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]  # open_clip's PreprocessCfg defaults (OpenAI's statistics)
 _OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
+_BLOCK_OPTIONS = {
+    "block_type": (None, "default"),
+    "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
+}
+"""Transformer-block options of either tower and the values bigmodel's blocks compute."""
+
 # Fields that must hold one of the listed values (OpenCLIP's defaults: what bigmodel's towers compute). Fields in
 # neither table are unknown to this converter and refused, so a new OpenCLIP option is never silently dropped.
 _FIXED = {
@@ -59,13 +70,7 @@ _FIXED = {
         "pos_embed_type": ("learnable",),
         "pool_type": ("tok",),
         "timm_model_name": (None,),
-        "block_type": (None, "default"),
-        "qk_norm": (False,),
-        "scaled_cosine_attn": (False,),
-        "scale_heads": (False,),
-        "scale_attn_inner": (False,),
-        "scale_attn": (False,),
-        "scale_fc": (False,),
+        **_BLOCK_OPTIONS,
     },
     "text_cfg": {
         "hf_model_name": (None,),
@@ -75,13 +80,7 @@ _FIXED = {
         "pool_type": ("argmax", "eos"),
         "proj_type": ("linear",),
         "proj_bias": (False,),
-        "block_type": (None, "default"),
-        "qk_norm": (False,),
-        "scaled_cosine_attn": (False,),
-        "scale_heads": (False,),
-        "scale_attn_inner": (False,),
-        "scale_attn": (False,),
-        "scale_fc": (False,),
+        **_BLOCK_OPTIONS,
     },
 }
 # Fields bigmodel reads, or that do not change what the model computes (token ids, output options, the settings of a
