@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--templates", metavar="FILE", help="prompt templates, one per line, each with {c}")
     parser.add_argument("--out", metavar="FILE", help="also write the result JSON (CLIP_benchmark's layout) here")
     parser.add_argument("--batch-size", type=int, default=64, help="images or captions per forward (default 64)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="for --task: processes on this node to split the work over, started with torchrun as `bigmodel launch` "
+        "starts training (default 1: this process)",
+    )
     parser.set_defaults(func=run, takes_overrides=True)
 
 
@@ -63,6 +70,8 @@ def run_zeroshot_task(args: argparse.Namespace) -> int:
             "--config and overrides apply to the held-out metrics only; a zero-shot task uses the "
             "checkpoint's saved config"
         )
+    if args.nproc > 1:
+        return launch_zeroshot_task(args)
     result = run_zeroshot(args.checkpoint, args.task, args.dataset, args.templates, args.batch_size)
     if read_dist_env().rank != 0:  # every rank holds the same result
         return 0
@@ -71,6 +80,27 @@ def run_zeroshot_task(args: argparse.Namespace) -> int:
     metrics = result["metrics"]
     print(json.dumps(metrics) if args.json else "  ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     return 0
+
+
+def launch_zeroshot_task(args: argparse.Namespace) -> int:
+    """Run the task as `torchrun --nproc-per-node=N -m bigmodel.eval ...` on this node and return its exit status."""
+    import os
+    import subprocess
+
+    from bigmodel.launch.commands import TorchrunSpec, threads_per_process, torchrun_command
+    from bigmodel.parallel.env import read_dist_env
+
+    if read_dist_env().world_size > 1:
+        raise ConfigError("--nproc starts its own processes; under torchrun or srun, leave it out")
+    worker = [args.checkpoint, "--task", args.task, "--dataset", args.dataset, "--batch-size", str(args.batch_size)]
+    for flag, value in (("--templates", args.templates), ("--out", args.out)):
+        if value is not None:
+            worker += [flag, value]
+    if args.json:
+        worker.append("--json")
+    cmd = torchrun_command(TorchrunSpec(args.nproc), worker, module="bigmodel.eval")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(args.nproc))}
+    return subprocess.run(cmd, env=env).returncode
 
 
 def find_run_config(checkpoint: Path) -> Path:

@@ -1,6 +1,6 @@
 """Zero-shot evaluation split over 4 real processes (gloo) gives one process's metrics exactly, on dataset sizes no
-rank count divides (some ranks get no batch); `python -m bigmodel.eval` under torchrun with 2 writes the same
-result JSON."""
+rank count divides (some ranks get no batch); `bigmodel eval --nproc 2` (torchrun, `python -m bigmodel.eval`) writes the
+same result JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 
 from bigmodel.cli.main import main
 from bigmodel.eval import evaluate_zeroshot
-from tests.distributed.launch import run_worker, torchrun
+from tests.distributed.launch import run_worker
+from tests.support.cli import bigmodel
 from tests.unit.eval.test_datasets import digit_images, png
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -58,10 +59,12 @@ def test_metrics_equal_one_process_for_4_and_2_ranks(tmp_path, capsys):
     # embeddings.
     assert every == [one] * 4
 
+    # `bigmodel eval --nproc 2` starts `torchrun --nproc-per-node=2 -m bigmodel.eval` (bigmodel/eval/__main__.py).
     out = tmp_path / "result.json"
-    entry = ROOT / "bigmodel" / "eval" / "__main__.py"  # what `python -m bigmodel.eval` runs
     args = (str(run), "--task", "zeroshot_classification", "--dataset", str(classes), "--batch-size", "8")
-    torchrun(2, entry, *args, "--out", str(out), timeout=120)
+    launched = bigmodel("eval", *args, "--out", str(out), "--nproc", "2")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("acc1") == 1  # one rank prints
     result = json.loads(out.read_text())
     assert result["metrics"] == one["zeroshot_classification"]  # exact, as above
     assert {k: result[k] for k in ("dataset", "task")} == {"dataset": str(classes), "task": "zeroshot_classification"}
