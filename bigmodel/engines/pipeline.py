@@ -126,7 +126,7 @@ class PipelineEngine(NativeEngine):
         self.timeline = Timeline()
         for stage in self.stages:
             self.timeline.wrap(stage)
-        self.is_first = any(m.plan.embed for m in self.stage_modules)
+        self.first_module = next((m for m in self.stage_modules if m.plan.embed), None)
         self.is_last = any(m.plan.heads for m in self.stage_modules)
         self.last_module = next((m for m in self.stage_modules if m.plan.heads), None)
         schedule_class = SCHEDULES[cfg.parallel.pp_schedule]
@@ -170,7 +170,7 @@ class PipelineEngine(NativeEngine):
     def run_schedule(self, batch: dict[str, torch.Tensor], train: bool) -> Any:
         """One pass of the schedule over `batch` (this rank's share; split into parallel.microbatches)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        first = next((m for m in self.stage_modules if m.plan.embed), None)
+        first = self.first_module
         args = [batch[k] for k in first.input_keys()] if first is not None else []
         target = self.loss_target(batch) if self.is_last else None
         with loss_context(self.ctx.dims.tp > 1):

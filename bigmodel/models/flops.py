@@ -67,12 +67,11 @@ def _text_forward(cfg: ModelConfig, tokens: int) -> int:
 
 def _fusion_forward(cfg: ModelConfig, text_tokens: int, rows: int, image: int) -> int:
     """Fusing `rows` captions with one sample's `image` tokens: the image is projected once, the blocks run per row."""
-    image_tokens = image
-    image_proj = _linear(image_tokens, cfg.vision_width, cfg.text_width)
+    image_proj = _linear(image, cfg.vision_width, cfg.text_width)
     if cfg.fusion == "merged":
-        block = _block(text_tokens + image_tokens, cfg.text_width, cfg.text_mlp_dim)
+        block = _block(text_tokens + image, cfg.text_width, cfg.text_mlp_dim)
     else:
-        block = _block(text_tokens, cfg.text_width, cfg.text_mlp_dim, context=image_tokens)
+        block = _block(text_tokens, cfg.text_width, cfg.text_mlp_dim, context=image)
     return image_proj + rows * cfg.fusion_layers * block
 
 
