@@ -128,10 +128,8 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 @contextlib.contextmanager
 def _replayed_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> Iterator[None]:
-    """Run the block from the RNG `state`, then put back the state it started from."""
-    after = _rng_state(device)
-    _set_rng_state(state, device)
-    try:
+    """Run the block from the RNG `state`; torch's fork_rng puts back the state it started from."""
+    accelerators = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
+        _set_rng_state(state, device)
         yield
-    finally:
-        _set_rng_state(after, device)
